@@ -1,0 +1,10 @@
+"""The reproduction runner: ``python -m adcore repro METHOD ...`` and ``python -m adcore tables NAME``.
+
+Each method lives in its own module (``adcore.repro.vqvae``, ``adcore.repro.cflow``) with
+``run(args: ReproArgs) -> dict`` and ``run_tables(results_dir, root, device, fast) -> list[Path]``;
+:mod:`adcore.repro.common` holds what they share (datasets, evaluation, the JSON contract).
+"""
+
+from adcore.repro.common import METHODS, ReproArgs, provenance, run_method, write_result
+
+__all__ = ["METHODS", "ReproArgs", "provenance", "run_method", "write_result"]

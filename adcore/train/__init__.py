@@ -1,0 +1,25 @@
+"""Training loops shared by the chapters: checkpoints, progress, numerics guards.
+
+The generic pieces live in :mod:`adcore.train.loop`; each method adds its own loop module
+on top (``adcore.train.vqvae``, ``adcore.train.cflow``). Models never import this package.
+"""
+
+from adcore.train.loop import (
+    CheckpointMismatchError,
+    NonFiniteLossError,
+    autocast,
+    check_finite,
+    load_checkpoint,
+    progress,
+    save_checkpoint,
+)
+
+__all__ = [
+    "CheckpointMismatchError",
+    "NonFiniteLossError",
+    "autocast",
+    "check_finite",
+    "load_checkpoint",
+    "progress",
+    "save_checkpoint",
+]

@@ -1,0 +1,183 @@
+"""Generic training utilities: atomic checkpoints that refuse a foreign configuration,
+a finite-loss guard with a useful message, bf16 autocast on CUDA, and a progress bar.
+
+Resuming is exact when the training loop draws all its randomness from a
+``torch.Generator`` whose state is stored in the checkpoint (``generator=``): a run that is
+stopped and resumed then replays the same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from tqdm.auto import tqdm
+
+from adcore.runtime import atomic_torch_save
+
+__all__ = [
+    "CheckpointMismatchError",
+    "NonFiniteLossError",
+    "autocast",
+    "check_finite",
+    "load_checkpoint",
+    "progress",
+    "save_checkpoint",
+]
+
+T = TypeVar("T")
+CHECKPOINT_FORMAT = 1
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss became NaN or infinite; the message names the step and gives a hint."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint was written for another configuration; the message names the fields."""
+
+
+def check_finite(loss: torch.Tensor, step: int, *, what: str = "loss", hint: str = "") -> None:
+    """Raise :class:`NonFiniteLossError` if ``loss`` is not finite.
+
+    This reads the value on the host (a synchronisation on CUDA): loops call it every few
+    steps, not on every step.
+
+    Args:
+        loss: a scalar tensor (or any tensor: all entries are checked).
+        step: the optimizer step, quoted in the message.
+        what: the name of the quantity ("loss", "log-likelihood of stage 2", ...).
+        hint: a suggestion appended to the message.
+    """
+    if not bool(torch.isfinite(loss.detach()).all()):
+        value = loss.detach().flatten()[0].item() if loss.numel() else float("nan")
+        message = f"non-finite {what} ({value}) at step {step}"
+        if hint:
+            message += f"; {hint}"
+        raise NonFiniteLossError(message)
+
+
+def autocast(device: torch.device | str, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (where the hardware supports it); a no-op context elsewhere."""
+    device = torch.device(device)
+    if enabled and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def progress(iterable: Iterable[T], *, desc: str = "", total: int | None = None,
+             disable: bool | None = None, **kwargs: Any) -> Iterator[T]:
+    """A ``tqdm.auto`` progress bar (a widget in Jupyter, text in a terminal).
+
+    ``ADCORE_PROGRESS=0`` turns every bar off (tests and CI logs).
+    """
+    if disable is None:
+        disable = os.environ.get("ADCORE_PROGRESS", "1") == "0"
+    return tqdm(iterable, desc=desc, total=total, disable=disable, leave=True, **kwargs)
+
+
+def _diff_configs(saved: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
+    fields = []
+    for key in sorted(set(saved) | set(expected)):
+        if saved.get(key, "<missing>") != expected.get(key, "<missing>"):
+            fields.append(f"{key}: checkpoint has {saved.get(key, '<missing>')!r}, "
+                          f"expected {expected.get(key, '<missing>')!r}")
+    return fields
+
+
+def save_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer | None = None,
+                    scheduler: Any | None = None, step: int = 0, epoch: int = 0,
+                    config: Mapping[str, Any] | None = None,
+                    generator: torch.Generator | None = None,
+                    extra: Mapping[str, Any] | None = None, overwrite: bool = True) -> Path:
+    """Write a checkpoint atomically (temporary file, then rename).
+
+    Everything stored is a tensor, a number, a string or a container of those, so the file
+    loads with ``torch.load(weights_only=True)``.
+
+    Args:
+        path: destination file.
+        model, optimizer, scheduler: their ``state_dict`` is stored (optimizer/scheduler optional).
+        step, epoch: where training stands.
+        config: plain values (numbers, strings, bools, lists) describing the model and the run;
+            :func:`load_checkpoint` compares it field by field.
+        generator: the loop's random generator, stored so that a resumed run draws the same
+            batches.
+        extra: any further plain values (metrics history, normalisation constants).
+        overwrite: refuse to replace an existing file when False.
+    """
+    state: dict[str, Any] = {
+        "format": CHECKPOINT_FORMAT,
+        "model": model.state_dict(),
+        "step": int(step),
+        "epoch": int(epoch),
+        "config": dict(config or {}),
+        "extra": dict(extra or {}),
+        "torch_rng": torch.get_rng_state(),
+    }
+    if optimizer is not None:
+        state["optimizer"] = optimizer.state_dict()
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
+    if generator is not None:
+        state["generator"] = generator.get_state()
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return atomic_torch_save(state, path, overwrite=overwrite)
+
+
+def load_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module | None = None,
+                    optimizer: torch.optim.Optimizer | None = None,
+                    scheduler: Any | None = None,
+                    config: Mapping[str, Any] | None = None,
+                    generator: torch.Generator | None = None,
+                    map_location: str | torch.device = "cpu",
+                    restore_rng: bool = True) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint` (``weights_only=True``).
+
+    Args:
+        path: the checkpoint file.
+        model, optimizer, scheduler, generator: restored in place when given.
+        config: the configuration the caller is about to use; if the checkpoint's differs,
+            :class:`CheckpointMismatchError` names every mismatching field.
+        map_location: where tensors are loaded.
+        restore_rng: also restore torch's global random state.
+
+    Returns:
+        The raw checkpoint dictionary (``step``, ``epoch``, ``config``, ``extra``, ...).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        CheckpointMismatchError: the configuration differs, or the file is not a checkpoint
+            of this package.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    state = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointMismatchError(
+            f"{path} is not an adcore checkpoint (format {CHECKPOINT_FORMAT} expected)")
+    if config is not None:
+        fields = _diff_configs(state["config"], config)
+        if fields:
+            raise CheckpointMismatchError(
+                f"{path} was written for another configuration: " + "; ".join(fields))
+    if model is not None:
+        model.load_state_dict(state["model"])
+    if optimizer is not None and "optimizer" in state:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and "scheduler" in state:
+        scheduler.load_state_dict(state["scheduler"])
+    if generator is not None and "generator" in state:
+        generator.set_state(state["generator"])
+    if restore_rng:
+        torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state
