@@ -39,7 +39,7 @@ unit: $(STAMP)
 
 notebooks: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest --nbval-lax --nbval-current-env --nbval-cell-timeout=900 \
-		--sanitize-with tests/sanitize.cfg -p no:cacheprovider $(NOTEBOOKS)
+		--nbval-sanitize-with tests/sanitize.cfg -p no:cacheprovider $(NOTEBOOKS)
 
 # The strict build renders the committed (standard-mode) outputs; execution is `make book`'s job.
 book-check: $(STAMP)
