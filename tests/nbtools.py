@@ -6,6 +6,7 @@ Usage (from the repository root)::
     python tests/nbtools.py execute book/NN_topic.ipynb [...]  # re-execute in place (standard mode)
     python tests/nbtools.py to-py book/NN_topic.ipynb OUT.py   # notebook -> py:percent, to edit
     python tests/nbtools.py strip book/*.ipynb                 # strip volatile metadata only
+    python tests/nbtools.py check-config _config.yml OUT.yml MATHJAX.js  # strict-build config
 
 Chapters are committed executed in standard mode (GUIDE §4), with volatile metadata removed:
 execution timestamps, widget state, kernel details beyond the name and language.
@@ -76,6 +77,18 @@ def to_py(notebook: Path, out: Path) -> None:
     jupytext.write(nb, out, fmt="py:percent")
 
 
+def check_config(source: Path, target: Path, mathjax: Path) -> None:
+    """Write the strict-build configuration: no execution, and a local MathJax when present."""
+    import yaml
+
+    config = yaml.safe_load(source.read_text())
+    config["execute"]["execute_notebooks"] = "off"
+    if mathjax.is_file():
+        config["sphinx"]["config"]["mathjax_path"] = mathjax.resolve().as_uri()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
 def main(argv: list[str]) -> int:
     if not argv:
         print(__doc__)
@@ -88,6 +101,8 @@ def main(argv: list[str]) -> int:
             execute(Path(name))
     elif command == "to-py" and len(args) == 2:
         to_py(Path(args[0]), Path(args[1]))
+    elif command == "check-config" and len(args) == 3:
+        check_config(Path(args[0]), Path(args[1]), Path(args[2]))
     elif command == "strip" and args:
         for name in args:
             path = Path(name)

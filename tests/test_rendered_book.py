@@ -44,8 +44,9 @@ CHECK_PAGE = """() => {
                  .map(e => e.innerText.slice(0, 300));
   const text = document.body.innerText;
   const traceback = text.includes('Traceback (most recent call last)');
+  const mathErrors = [...document.querySelectorAll('mjx-merror')].map(e => e.textContent);
   const images = document.images.length;
-  return {broken, errors, traceback, images, title: document.title};
+  return {broken, errors, traceback, mathErrors, images, title: document.title};
 }"""
 
 
@@ -68,10 +69,11 @@ def test_page_renders_cleanly(browser, page_path: Path) -> None:
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     # The book is opened from disk; requests to the internet (fonts, MathJax) fail fast offline.
     page.goto(page_path.as_uri(), wait_until="load", timeout=60_000)
-    page.wait_for_timeout(500)
+    page.wait_for_timeout(1500)  # let MathJax typeset
     report = page.evaluate(CHECK_PAGE)
     page.screenshot(path=str(SHOTS / f"{page_path.stem}.png"), full_page=True)
     page.close()
     assert not report["broken"], f"{page_path.name}: broken images {report['broken']}"
     assert not report["errors"], f"{page_path.name}: error outputs {report['errors']}"
     assert not report["traceback"], f"{page_path.name} shows a Python traceback"
+    assert not report["mathErrors"], f"{page_path.name}: MathJax errors {report['mathErrors']}"
