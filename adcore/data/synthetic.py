@@ -19,6 +19,7 @@ inside its mask (its soft edge is clipped to the mask), so the masks are exact. 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -73,15 +74,34 @@ class SyntheticSample:
 
 
 # --------------------------------------------------------------------------- textures
+@functools.lru_cache(maxsize=16)
+def _spectral_filter(size: int, beta: float) -> np.ndarray:
+    """1/‖k‖^(β/2) on the half-spectrum of a real (size, size) field (the mean term set to 1)."""
+    fy = np.fft.fftfreq(size)[:, None]
+    fx = np.fft.rfftfreq(size)[None, :]
+    norm_k = np.sqrt(fy**2 + fx**2)
+    norm_k[0, 0] = 1.0
+    return (norm_k ** (-beta / 2)).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=4)
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel coordinates ``(yy, xx)``, each (size, size) float32 (cached: read-only)."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    yy.flags.writeable = xx.flags.writeable = False
+    return yy, xx
+
+
 def _fbm(rng: np.random.Generator, size: int, beta: float = 2.0) -> np.ndarray:
-    """Fractional Brownian noise by spectral synthesis: amplitude ∝ 1/f^(beta/2); (size, size) in [0, 1]."""
-    freqs = np.fft.fftfreq(size)
-    radius = np.sqrt(freqs[:, None] ** 2 + freqs[None, :] ** 2)
-    radius[0, 0] = 1.0
-    spectrum = rng.standard_normal((size, size)) + 1j * rng.standard_normal((size, size))
-    field = np.fft.ifft2(spectrum / radius ** (beta / 2)).real
+    """Fractional Brownian noise by spectral synthesis; (size, size) float32 in [0, 1].
+
+    White noise is filtered in the Fourier domain by 1/‖k‖^(β/2), so the power spectrum of
+    the field falls off as ‖k‖^(−β) (chapter 1 derives and checks this).
+    """
+    noise = rng.standard_normal((size, size), dtype=np.float32)
+    field = np.fft.irfft2(np.fft.rfft2(noise) * _spectral_filter(size, beta), s=(size, size))
     field -= field.min()
-    return field / max(field.max(), 1e-8)
+    return (field / max(field.max(), 1e-8)).astype(np.float32)
 
 
 def _concrete(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -99,7 +119,7 @@ def _concrete(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarr
 def _tile(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
     period = size / 4
     offset = rng.uniform(0, period, 2)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    yy, xx = _grid(size)
     u, v = (xx + offset[0]) / period, (yy + offset[1]) / period
     grout_half = 0.045 + 0.01 * rng.random()
     grout = (np.abs(u - np.round(u)) < grout_half) | (np.abs(v - np.round(v)) < grout_half)
@@ -115,13 +135,13 @@ def _tile(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------------- objects
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     level = 0.12 + 0.05 * rng.random()
-    noise = 0.015 * rng.standard_normal((size, size, 1))
-    return np.clip(np.full((size, size, 3), level) + noise, 0, 1)
+    noise = 0.015 * rng.standard_normal((size, size, 1), dtype=np.float32)
+    return np.clip(np.full((size, size, 3), level, dtype=np.float32) + noise, 0, 1)
 
 
 def _metal_shading(rng: np.random.Generator, size: int, angle: float) -> np.ndarray:
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    gradient = 0.6 + 0.25 * (np.cos(angle) * xx + np.sin(angle) * yy)
+    yy, xx = _grid(size)
+    gradient = 0.6 + (0.25 / size) * (np.cos(angle) * xx + np.sin(angle) * yy)
     brushed = 0.03 * (_fbm(rng, size, beta=1.5) - 0.5)
     return gradient + brushed
 
@@ -129,7 +149,7 @@ def _metal_shading(rng: np.random.Generator, size: int, angle: float) -> np.ndar
 def _nut(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
     image = _background(rng, size)
     centre = size / 2 + rng.uniform(-0.04, 0.04, 2) * size
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    yy, xx = _grid(size)
     dx, dy = xx - centre[0], yy - centre[1]
     radius = size * (0.32 + 0.02 * rng.random())
     theta = np.arctan2(dy, dx) - rng.uniform(0, np.pi / 3)
@@ -149,7 +169,7 @@ def _screw(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]
     image = _background(rng, size) + 0.55  # light background, like MVTec's screw
     angle = rng.uniform(0, np.pi)
     centre = size / 2 + rng.uniform(-0.05, 0.05, 2) * size
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    yy, xx = _grid(size)
     along = (xx - centre[0]) * np.cos(angle) + (yy - centre[1]) * np.sin(angle)
     across = -(xx - centre[0]) * np.sin(angle) + (yy - centre[1]) * np.cos(angle)
     half_length, half_width = size * 0.33, size * 0.055
