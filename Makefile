@@ -6,7 +6,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.adcore-installed
 NOTEBOOKS := $(sort $(wildcard book/[0-9][0-9]_*.ipynb))
-TEST_ENV := ADCORE_FAST=1 ADCORE_PROGRESS=0 MPLBACKEND=Agg PYTHONHASHSEED=0
+# OMP_WAIT_POLICY=PASSIVE: on a busy 2-core machine spinning OpenMP threads slow torch 8-12x.
+TEST_ENV := ADCORE_FAST=1 ADCORE_PROGRESS=0 MPLBACKEND=Agg PYTHONHASHSEED=0 OMP_WAIT_POLICY=PASSIVE
 
 .PHONY: help venv book test unit notebooks book-check browser-check lint lab repro clean
 

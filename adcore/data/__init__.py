@@ -3,6 +3,7 @@
 Chapter 1 (``book/01_data``) explains every piece.
 """
 
+from adcore.data.cifar import CIFAR10_CLASSES, CIFAR10OneVsRest, read_cifar10
 from adcore.data.download import REGISTRY, Resource, download, safe_extract, sha256sum
 from adcore.data.mvtec import MVTEC_CATEGORIES, FolderDataset, MVTecAD, read_image, read_mask
 from adcore.data.root import data_root, synthetic_dataset
@@ -13,12 +14,15 @@ from adcore.data.synthetic import (
     make_synthetic_dataset,
     sample_image,
 )
+from adcore.data.ucsd import UCSDPed1, find_ucsd_ped1
 
 __all__ = [
+    "CIFAR10_CLASSES",
     "DEFECT_TYPES",
     "MVTEC_CATEGORIES",
     "REGISTRY",
     "SYNTHETIC_CATEGORIES",
+    "CIFAR10OneVsRest",
     "FolderDataset",
     "MVTecAD",
     "Resource",
@@ -30,6 +34,9 @@ __all__ = [
     "read_mask",
     "safe_extract",
     "sample_image",
+    "read_cifar10",
     "sha256sum",
     "synthetic_dataset",
+    "UCSDPed1",
+    "find_ucsd_ped1",
 ]

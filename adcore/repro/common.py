@@ -141,6 +141,10 @@ def evaluate(maps: Any, masks: Any, image_scores: Any, labels: Any) -> dict[str,
 
 
 def _git_commit() -> str:
+    """The checkout's commit (``+dirty`` with uncommitted changes); ``ADCORE_GIT_COMMIT`` wins,
+    for copies of the tree without ``.git`` (a GPU machine that receives the working tree)."""
+    if os.environ.get("ADCORE_GIT_COMMIT"):
+        return os.environ["ADCORE_GIT_COMMIT"]
     repo = Path(__file__).resolve().parents[2]
     try:
         out = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
@@ -172,30 +176,37 @@ def provenance(device: str | torch.device, train_seconds: float, eval_seconds: f
     }
 
 
-def write_result(out: str | os.PathLike, *, metrics: dict[str, float], config: dict[str, Any],
-                 device: str | torch.device, train_seconds: float, eval_seconds: float,
-                 variants: dict[str, dict[str, float]] | None = None,
+def write_result(out: str | os.PathLike, *, metrics: dict[str, float | None],
+                 config: dict[str, Any], device: str | torch.device, train_seconds: float,
+                 eval_seconds: float, variants: dict[str, dict[str, float | None]] | None = None,
                  force: bool = False) -> Path:
     """Write the result JSON atomically; refuse to replace an existing file unless ``force``.
 
     Raises:
-        ValueError: a metric of the contract is missing or not a finite number.
+        ValueError: a metric of the contract is missing, or neither None (not applicable to the
+            data set, written as JSON null) nor a finite number.
         FileExistsError: ``out`` exists and ``force`` is False.
     """
-    for name, values in {"metrics": metrics, **{f"variants[{k}]": v for k, v in (variants or {}).items()}}.items():
+    groups = {"metrics": metrics, **{f"variants[{k}]": v for k, v in (variants or {}).items()}}
+    for name, values in groups.items():
         missing = [k for k in METRIC_KEYS if k not in values]
         if missing:
             raise ValueError(f"{name} lacks {missing}; the result contract needs {METRIC_KEYS}")
-        bad = {k: v for k, v in values.items() if not np.isfinite(float(v))}
+        # None marks a metric the data set cannot give (no pixel masks in CIFAR-10): JSON null.
+        bad = {k: v for k, v in values.items() if v is not None and not np.isfinite(float(v))}
         if bad:
             raise ValueError(f"{name} has non-finite values {bad}")
+
+    def plain(values: dict[str, Any]) -> dict[str, float | None]:
+        return {k: None if v is None else float(v) for k, v in values.items()}
+
     result: dict[str, Any] = {
-        "metrics": {k: float(v) for k, v in metrics.items()},
+        "metrics": plain(metrics),
         "config": config,
         "provenance": provenance(device, train_seconds, eval_seconds),
     }
     if variants:
-        result["variants"] = {k: {m: float(x) for m, x in v.items()} for k, v in variants.items()}
+        result["variants"] = {k: plain(v) for k, v in variants.items()}
     out = Path(out)
     with atomic_path(out, overwrite=force) as tmp:
         tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")

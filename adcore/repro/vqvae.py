@@ -1,0 +1,446 @@
+"""Reproduction runner of the VQ-VAE paper (Gangloff et al., RFIAP 2022): Tables 1–3.
+
+``python -m adcore repro vqvae --dataset D ...`` trains one VQ-VAE and evaluates, from that one
+model, the paper's two variants: "VQ-VAE SSIM" (the SSIM map alone) and "VQ-VAE SSIM+AM"
+(the SSIM map times the upsampled, dilated alignment map; the main result), plus the AM
+alone. ``python -m adcore tables vqvae`` runs every table cell whose data is present:
+Table 1 (the 15 MVTec AD categories), Table 2 (UCSD Ped1), Table 3 (the 10 CIFAR-10
+classes, one-vs-rest), and the four synthetic categories that need no data at all.
+Chapter 5 (``book/05_vqvae_tables``) shows the resulting files next to the paper.
+
+Settings (:func:`resolve_settings`) follow the paper where it gives them (architecture,
+M = 512, D = 256, β = 0.25, continuous Bernoulli decoder, 256² MVTec AD images with 3
+downsamplings and 1024 augmented images per epoch, 128² UCSD Ped1 with 2 downsamplings and
+a dilated SSIM map, 32² CIFAR-10 with 2 downsamplings, image score = mean of the map). What
+the paper leaves open (epochs, batch size, learning rate, SSIM window, dilation sizes) is set
+here and written into every result file. On CUDA the paper-sized runs use the loop's fast path
+(bf16 autocast, channels-last, ``torch.compile``). ``--dataset synthetic`` uses a CPU-sized model so
+that a laptop runs it in minutes; ``--fast`` shrinks everything to a CI-sized run.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from adcore.data.cifar import CIFAR10_CLASSES, CIFAR10OneVsRest
+from adcore.data.ucsd import UCSDPed1
+from adcore.maps import MAP_VARIANTS, MapConfig, image_scores, vqvae_anomaly_maps
+from adcore.repro.common import (
+    METRIC_KEYS,
+    ReproArgs,
+    evaluate,
+    load_datasets,
+    resolve_device,
+    run_method,
+)
+from adcore.runtime import fast_mode, seed_everything
+from adcore.train.loop import progress
+from adcore.train.vqvae import VQVAETrainConfig, images_to_tensor, train_vqvae
+from adcore.vqvae import VQVAE, VQVAEConfig
+
+__all__ = [
+    "DATASETS",
+    "PAPER_TABLE1",
+    "PAPER_TABLE2",
+    "PAPER_TABLE3",
+    "evaluate_model",
+    "load_result",
+    "resolve_settings",
+    "result_name",
+    "results_table",
+    "run",
+    "run_tables",
+]
+
+DATASETS: tuple[str, ...] = ("synthetic", "mvtec", "ucsd-ped1", "cifar10")
+#: the variant whose metrics are the run's main ``metrics``
+MAIN_VARIANT = "ssim+am"
+
+
+def _paper_model(**kw: Any) -> dict[str, Any]:
+    return {"hidden_channels": 256, "embedding_dim": 256, "codebook_size": 512, "n_residual": 3,
+            "beta": 0.25, "likelihood": "cbernoulli", **kw}
+
+
+#: per data set: model, training and map settings (standard mode)
+_STANDARD: dict[str, dict[str, Any]] = {
+    # The paper's MVTec AD protocol (Section 3.2).
+    "mvtec": {"model": _paper_model(in_channels=3, image_size=256, n_down=3),
+              "train": {"epochs": 200, "batch_size": 64, "lr": 2e-4, "images_per_epoch": 1024,
+                        "augment": True, "compile": True},
+              "maps": {"window": "uniform", "window_size": 15, "am_dilation": 9}},
+    # UCSD Ped1 (Section 3.3): grey 128², two downsamplings, SM dilated.
+    "ucsd-ped1": {"model": _paper_model(in_channels=1, image_size=128, n_down=2),
+                  "train": {"epochs": 20, "batch_size": 64, "lr": 2e-4, "compile": True},
+                  "maps": {"window": "uniform", "window_size": 11, "am_dilation": 5,
+                           "sm_dilation": 5}},
+    # CIFAR-10 one-vs-rest (Section 3.4): 32², two downsamplings (latent 8×8).
+    "cifar10": {"model": _paper_model(in_channels=3, image_size=32, n_down=2),
+                "train": {"epochs": 50, "batch_size": 64, "lr": 2e-4, "compile": True},
+                "maps": {"window": "uniform", "window_size": 7, "am_dilation": 5}},
+    # The embedded synthetic set, CPU-sized: 128², latent 32×32 as in the paper, 64 channels.
+    "synthetic": {"model": _paper_model(in_channels=3, image_size=128, n_down=2,
+                                        hidden_channels=64, embedding_dim=64, codebook_size=256),
+                  "train": {"epochs": 15, "batch_size": 16, "lr": 1e-3, "augment": True},
+                  "maps": {"window": "uniform", "window_size": 11, "am_dilation": 5},
+                  "data": {"n_train": 200, "n_test": 90}},
+}
+
+#: CI-sized overrides of ``--fast`` (a tiny model on small images, a few epochs)
+_FAST: dict[str, dict[str, Any]] = {
+    "synthetic": {"model": {"image_size": 64, "hidden_channels": 32, "embedding_dim": 32,
+                            "codebook_size": 128, "n_residual": 2},
+                  "train": {"epochs": 20, "batch_size": 16, "lr": 2e-3, "compile": False},
+                  "maps": {"window_size": 7, "am_dilation": 5},
+                  "data": {"n_train": 100, "n_test": 60}},
+    "mvtec": {"model": {"image_size": 64, "n_down": 2, "hidden_channels": 32, "embedding_dim": 32,
+                        "codebook_size": 128},
+              "train": {"epochs": 4, "batch_size": 16, "lr": 2e-3, "images_per_epoch": 256,
+                        "compile": False},
+              "maps": {"window_size": 7, "am_dilation": 5}},
+    "ucsd-ped1": {"model": {"image_size": 64, "hidden_channels": 32, "embedding_dim": 32,
+                            "codebook_size": 128},
+                  "train": {"epochs": 1, "batch_size": 16, "lr": 2e-3, "images_per_epoch": 512,
+                            "compile": False},
+                  "maps": {"window_size": 7, "am_dilation": 5, "sm_dilation": 3}},
+    "cifar10": {"model": {"hidden_channels": 32, "embedding_dim": 32, "codebook_size": 128},
+                "train": {"epochs": 1, "batch_size": 64, "lr": 2e-3, "compile": False}},
+}
+
+_DEFAULT_CATEGORY = {"synthetic": "concrete", "mvtec": "tile", "cifar10": "airplane"}
+
+
+def resolve_settings(args: ReproArgs) -> dict[str, Any]:
+    """Every setting of a run: the data set's preset, ``--fast`` overrides, then the CLI's.
+
+    Returns:
+        ``{"model": VQVAEConfig, "train": VQVAETrainConfig, "maps": MapConfig, "data": {...},
+        "category": str | None, "fast": bool}``.
+
+    Raises:
+        ValueError: an unknown data set (the valid ones are listed) or invalid values.
+    """
+    if args.dataset not in _STANDARD:
+        raise ValueError(f"the VQ-VAE runner has no data set {args.dataset!r}; expected one of "
+                         f"{', '.join(DATASETS)}")
+    fast = bool(args.fast or fast_mode())
+    preset = {part: dict(values) for part, values in _STANDARD[args.dataset].items()}
+    if fast:
+        for part, values in _FAST[args.dataset].items():
+            preset.setdefault(part, {}).update(values)
+    model = dict(preset["model"])
+    if args.image_size is not None:
+        model["image_size"] = args.image_size
+    train = {**preset["train"], "seed": args.seed}
+    if args.epochs is not None:
+        train["epochs"] = args.epochs
+    maps = dict(preset.get("maps", {}))
+    return {"model": VQVAEConfig(**model), "train": VQVAETrainConfig(**train),
+            "maps": MapConfig(**maps), "data": dict(preset.get("data", {})),
+            "category": args.category or _DEFAULT_CATEGORY.get(args.dataset), "fast": fast}
+
+
+def _datasets(args: ReproArgs, settings: dict[str, Any]) -> tuple[Any, Any]:
+    model: VQVAEConfig = settings["model"]
+    if args.dataset in ("synthetic", "mvtec"):
+        with_category = replace(args, category=settings["category"])
+        return load_datasets(with_category, model.image_size, model.in_channels, **settings["data"])
+    from adcore.data.root import data_root
+
+    root = args.root or data_root()
+    if args.dataset == "ucsd-ped1":
+        return (UCSDPed1(root, "train", model.image_size), UCSDPed1(root, "test", model.image_size))
+    if settings["category"] not in CIFAR10_CLASSES:
+        raise ValueError(f"unknown CIFAR-10 class {settings['category']!r}; expected one of "
+                         f"{', '.join(CIFAR10_CLASSES)}")
+    return (CIFAR10OneVsRest(root, settings["category"], "train"),
+            CIFAR10OneVsRest(root, settings["category"], "test"))
+
+
+def _checkpoint_path(args: ReproArgs) -> Path:
+    from adcore.data.root import data_root
+
+    return data_root() / "checkpoints" / f"{Path(args.out).stem}.ckpt"
+
+
+@torch.no_grad()
+def evaluate_model(model: VQVAE, test_set: Any, map_config: MapConfig, device: torch.device, *,
+                   pixel_level: bool = True, batch_size: int = 32) -> dict[str, dict[str, float | None]]:
+    """Metrics of the three map variants (``ssim``, ``am``, ``ssim+am``) on a test set.
+
+    Args:
+        model: a trained VQ-VAE (put in eval mode here).
+        test_set: items with ``image``, ``mask`` and ``label``.
+        map_config: how maps are made (:class:`adcore.maps.MapConfig`).
+        device: where the model runs.
+        pixel_level: False for image-level data sets (CIFAR-10): pixel metrics are None.
+        batch_size: test images per forward pass.
+
+    Returns:
+        variant -> the four metrics of the contract (image AUROC from the mean of the map).
+    """
+    model.eval().to(device)
+    maps: dict[str, list[torch.Tensor]] = {v: [] for v in MAP_VARIANTS}
+    masks, labels = [], []
+    loader = DataLoader(test_set, batch_size=batch_size, shuffle=False)
+    for batch in progress(loader, desc="evaluating"):
+        images = batch["image"].to(device, non_blocking=True)
+        result = vqvae_anomaly_maps(model, images, map_config)
+        for variant in MAP_VARIANTS:
+            # The metrics run on the CPU (exact sort-based curves; connected components).
+            maps[variant].append(result.variant(variant)[:, 0].cpu())
+        masks.append(batch["mask"][:, 0])
+        labels.append(batch["label"])
+    all_masks, all_labels = torch.cat(masks), torch.cat(labels)
+    metrics: dict[str, dict[str, float | None]] = {}
+    for variant, parts in maps.items():
+        stacked = torch.cat(parts)
+        scores = image_scores(stacked)
+        if pixel_level:
+            metrics[variant] = evaluate(stacked, all_masks, scores, all_labels)
+        else:
+            from adcore import metrics as adm
+
+            metrics[variant] = {k: None for k in METRIC_KEYS}
+            metrics[variant]["image_auroc"] = adm.image_auroc(scores, all_labels)
+    return metrics
+
+
+def run(args: ReproArgs) -> dict[str, Any]:
+    """Train a VQ-VAE and evaluate it (``python -m adcore repro vqvae ...``).
+
+    Args:
+        args: the runner's arguments (see :class:`adcore.repro.common.ReproArgs`).
+
+    Returns:
+        ``{"metrics", "config", "train_seconds", "eval_seconds", "device", "variants"}``;
+        ``metrics`` are those of VQ-VAE SSIM+AM.
+
+    Raises:
+        ValueError: unknown data set or category, images that do not fit the model.
+        FileNotFoundError: the data is missing (the message names what was expected).
+    """
+    settings = resolve_settings(args)
+    device = resolve_device(args)
+    seed_everything(args.seed)
+    train_set, test_set = _datasets(args, settings)
+    images = images_to_tensor(train_set)
+    train_config: VQVAETrainConfig = settings["train"]
+    per_epoch = train_config.images_per_epoch or len(images)
+    if per_epoch < train_config.batch_size:  # a tiny training set: one batch per epoch
+        train_config = replace(train_config, batch_size=per_epoch)
+    if device.type != "cuda" and train_config.compile:
+        # torch.compile pays off on the GPU (benchmarks/vqvae.py); on a CPU it costs minutes.
+        train_config = replace(train_config, compile=False)
+    settings["train"] = train_config
+    model = VQVAE(settings["model"])
+    checkpoint = _checkpoint_path(args)
+    if args.force and checkpoint.exists():
+        checkpoint.unlink()  # --force means a fresh training run
+    began = time.perf_counter()
+    history = train_vqvae(model, images, train_config, device=device, checkpoint=checkpoint)
+    train_seconds = time.perf_counter() - began
+    began = time.perf_counter()
+    variants = evaluate_model(model, test_set, settings["maps"], device,
+                              pixel_level=args.dataset != "cifar10",
+                              batch_size=max(8, train_config.batch_size))
+    eval_seconds = time.perf_counter() - began
+    config = {
+        "method": "vqvae",
+        "dataset": args.dataset,
+        "category": settings["category"],
+        "root": str(args.root) if args.root else None,
+        "fast": settings["fast"],
+        "seed": args.seed,
+        "main_variant": MAIN_VARIANT,
+        "model": settings["model"].to_dict(),
+        "train": settings["train"].to_dict(),
+        "maps": settings["maps"].to_dict(),
+        "data": {**settings["data"], "n_train_images": len(train_set), "n_test_images": len(test_set)},
+        "summary": {
+            "steps": history.steps[-1] if history.steps else 0,
+            "final_loss": history.loss[-1] if history.loss else None,
+            "final_perplexity": history.perplexity[-1] if history.perplexity else None,
+            "final_codebook_usage": history.usage[-1] if history.usage else None,
+            "images_per_second": round(history.images_per_second, 1),
+        },
+    }
+    return {"metrics": variants[MAIN_VARIANT], "config": config, "train_seconds": train_seconds,
+            "eval_seconds": eval_seconds, "device": str(device), "variants": variants}
+
+
+def _table_runs(root: Path) -> list[tuple[str, str | None, Path | None, str | None]]:
+    """(dataset, category, data root, skip message) for every cell of Tables 1–3 + synthetic."""
+    from adcore.data import MVTEC_CATEGORIES, SYNTHETIC_CATEGORIES
+    from adcore.data.cifar import read_cifar10
+    from adcore.data.ucsd import find_ucsd_ped1
+
+    runs: list[tuple[str, str | None, Path | None, str | None]] = []
+    runs += [("synthetic", c, None, None) for c in sorted(SYNTHETIC_CATEGORIES)]
+    mvtec = root / "mvtec_anomaly_detection"
+    for category in MVTEC_CATEGORIES:
+        present = (mvtec / category / "train").is_dir()
+        runs.append(("mvtec", category, mvtec,
+                     None if present else f"MVTec AD {category}: no {mvtec / category}"))
+    try:
+        find_ucsd_ped1(root)
+        runs.append(("ucsd-ped1", None, root, None))
+    except FileNotFoundError as err:
+        runs.append(("ucsd-ped1", None, root, f"UCSD Ped1: {err}"))
+    try:
+        read_cifar10(root, "test")
+        cifar_missing = None
+    except (FileNotFoundError, ValueError) as err:
+        cifar_missing = f"CIFAR-10: {err}"
+    runs += [("cifar10", c, root, cifar_missing) for c in CIFAR10_CLASSES]
+    return runs
+
+
+def result_name(dataset: str, category: str | None) -> str:
+    """File name of a table cell's result: ``vqvae_<dataset>[_<category>].json``."""
+    return f"vqvae_{dataset}" + (f"_{category}" if category else "") + ".json"
+
+
+def run_tables(results_dir: Path, root: Path | None, device: str | None,
+               fast: bool) -> list[Path]:
+    """Run Tables 1–3 of the paper (and the synthetic categories) for the data that is present.
+
+    Each cell is one ``repro`` run writing ``results_dir/vqvae_<dataset>[_<category>].json``.
+    Absent data sets are skipped with a message; existing result files are kept (delete one
+    to run it again).
+
+    Args:
+        results_dir: where result files go (``book/results``).
+        root: the data root (default :func:`adcore.data.data_root`).
+        device: ``--device`` for every run.
+        fast: CI-sized runs.
+
+    Returns:
+        The result files written.
+    """
+    from adcore.data.root import data_root
+
+    root = Path(root) if root is not None else data_root()
+    written = []
+    for dataset, category, data_dir, missing in _table_runs(root):
+        name = result_name(dataset, category)
+        if missing:
+            print(f"skip {name}: {missing}")
+            continue
+        out = Path(results_dir) / name
+        if out.exists():
+            print(f"keep {out} (exists; delete it to run again)")
+            continue
+        print(f"run {name}")
+        args = ReproArgs(method="vqvae", dataset=dataset, out=out, root=data_dir,
+                         category=category, device=device, fast=fast)
+        written.append(run_method(args))
+    return written
+
+
+# --------------------------------------------------------------------------- the paper's tables
+#: Table 1 of the paper (MVTec AD, pixel ROCAUC): category -> {method: value}. The paper's
+#: VQ-VAE columns are "ssim" and "ssim+am"; the others are the baselines it quotes.
+PAPER_TABLE1: dict[str, dict[str, float]] = {
+    category: dict(zip(("AE SSIM", "VEVAE", "FCDD", "ssim", "ssim+am"), values))
+    for category, values in {
+        "carpet": (0.87, 0.78, 0.96, 0.92, 0.94), "grid": (0.94, 0.73, 0.91, 0.99, 0.99),
+        "leather": (0.78, 0.95, 0.98, 0.98, 0.98), "tile": (0.59, 0.80, 0.91, 0.70, 0.75),
+        "wood": (0.73, 0.77, 0.88, 0.82, 0.84), "bottle": (0.93, 0.87, 0.97, 0.94, 0.95),
+        "cable": (0.82, 0.90, 0.90, 0.87, 0.87), "capsule": (0.94, 0.74, 0.93, 0.93, 0.94),
+        "hazelnut": (0.97, 0.98, 0.95, 0.98, 0.99), "metal_nut": (0.89, 0.90, 0.94, 0.89, 0.90),
+        "pill": (0.91, 0.83, 0.81, 0.86, 0.90), "screw": (0.96, 0.97, 0.86, 0.98, 0.98),
+        "toothbrush": (0.92, 0.94, 0.94, 0.96, 0.97), "transistor": (0.90, 0.93, 0.88, 0.77, 0.78),
+        "zipper": (0.88, 0.78, 0.92, 0.97, 0.98),
+    }.items()
+}
+#: Table 2 (UCSD Ped1, pixel ROCAUC)
+PAPER_TABLE2: dict[str, float] = {"VAE L2": 0.86, "VEVAE": 0.92, "ssim": 0.95, "ssim+am": 0.95}
+#: Table 3 (CIFAR-10 one-vs-rest, image ROCAUC): class -> {method: value}
+PAPER_TABLE3: dict[str, dict[str, float]] = {
+    category: dict(zip(("AE L2", "DSVDD", "ssim", "ssim+am"), values))
+    for category, values in {
+        "airplane": (0.59, 0.62, 0.71, 0.69), "automobile": (0.57, 0.66, 0.63, 0.65),
+        "bird": (0.49, 0.51, 0.63, 0.63), "cat": (0.58, 0.59, 0.62, 0.63),
+        "deer": (0.54, 0.61, 0.60, 0.64), "dog": (0.62, 0.66, 0.67, 0.67),
+        "frog": (0.51, 0.68, 0.61, 0.63), "horse": (0.59, 0.67, 0.63, 0.63),
+        "ship": (0.77, 0.76, 0.74, 0.74), "truck": (0.67, 0.73, 0.64, 0.65),
+    }.items()
+}
+
+
+def load_result(results_dir: str | Path, dataset: str, category: str | None) -> dict[str, Any] | None:
+    """The result file of one table cell, or None when it was not run.
+
+    Raises:
+        ValueError: the file exists but is not a result of the contract (the message names it).
+    """
+    import json
+
+    path = Path(results_dir) / result_name(dataset, category)
+    if not path.is_file():
+        return None
+    try:
+        result = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(result, dict) or "metrics" not in result or "provenance" not in result:
+        raise ValueError(f"{path} is not a runner result (expected 'metrics' and 'provenance')")
+    return result
+
+
+def results_table(results_dir: str | Path, table: int | str, metric: str | None = None,
+                  ) -> list[dict[str, Any]]:
+    """Rows of a paper table next to the measured values (chapter 5 prints them).
+
+    Measured values come only from result files in ``results_dir``; a cell without a file is
+    ``None`` ("not run"). The paper's own values are in separate ``paper ...`` keys and never
+    fill a measured cell.
+
+    Args:
+        results_dir: folder of the result files (``book/results``).
+        table: 1 (MVTec AD), 2 (UCSD Ped1), 3 (CIFAR-10) or ``"synthetic"``.
+        metric: the measured metric; by default the paper's (pixel AUROC in the authors'
+            per-image convention for tables 1–2 and synthetic, image AUROC for table 3).
+
+    Returns:
+        One dict per row: ``category``, ``paper ssim``, ``paper ssim+am`` (absent for
+        synthetic), ``measured ssim``, ``measured ssim+am``, ``measured am`` and
+        ``provenance`` (device, date, commit) or None.
+    """
+    from adcore.data import SYNTHETIC_CATEGORIES
+
+    if table in (1, "1"):
+        dataset, rows, paper = "mvtec", list(PAPER_TABLE1), PAPER_TABLE1
+    elif table in (2, "2"):
+        dataset, rows, paper = "ucsd-ped1", [None], {None: PAPER_TABLE2}
+    elif table in (3, "3"):
+        dataset, rows, paper = "cifar10", list(PAPER_TABLE3), PAPER_TABLE3
+    elif table == "synthetic":
+        dataset, rows, paper = "synthetic", sorted(SYNTHETIC_CATEGORIES), {}
+    else:
+        raise ValueError(f"table={table!r}: expected 1, 2, 3 or 'synthetic'")
+    metric = metric or ("image_auroc" if dataset == "cifar10" else "pixel_auroc_per_image")
+    if metric not in METRIC_KEYS:
+        raise ValueError(f"metric={metric!r}: expected one of {METRIC_KEYS}")
+    out = []
+    for category in rows:
+        row: dict[str, Any] = {"category": category or "UCSD Ped1"}
+        for variant in ("ssim", "ssim+am"):
+            if category in paper:
+                row[f"paper {variant}"] = paper[category][variant]
+        result = load_result(results_dir, dataset, category)
+        variants = (result or {}).get("variants", {})
+        for variant in ("ssim", "ssim+am", "am"):
+            value = variants.get(variant, {}).get(metric) if result else None
+            row[f"measured {variant}"] = value
+        row["provenance"] = None if result is None else {
+            k: result["provenance"].get(k) for k in ("device", "date", "git_commit")}
+        out.append(row)
+    return out

@@ -1,0 +1,176 @@
+"""Tests of the VQ-VAE reproduction runner (adcore.repro.vqvae) on tiny runs and fake data."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from adcore.__main__ import main
+from adcore.repro import vqvae as runner
+from adcore.repro.common import METRIC_KEYS, ReproArgs, run_method
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run faster on one thread, and a busy shared CPU does not stall them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _args(tmp_path: Path, **kw) -> ReproArgs:
+    return ReproArgs(**{"method": "vqvae", "dataset": "synthetic", "out": tmp_path / "r.json",
+                        **kw})
+
+
+def test_mvtec_defaults_are_the_papers(tmp_path):
+    s = runner.resolve_settings(_args(tmp_path, dataset="mvtec"))
+    m, t = s["model"], s["train"]
+    assert (m.image_size, m.n_down, m.latent_size) == (256, 3, 32)
+    assert (m.codebook_size, m.embedding_dim, m.hidden_channels, m.n_residual) == (512, 256, 256, 3)
+    assert (m.beta, m.likelihood) == (0.25, "cbernoulli")
+    assert t.images_per_epoch == 1024 and t.augment and t.compile  # compile: CUDA only
+    assert s["category"] == "tile" and not s["fast"]
+    ucsd = runner.resolve_settings(_args(tmp_path, dataset="ucsd-ped1"))
+    assert (ucsd["model"].in_channels, ucsd["model"].image_size, ucsd["model"].latent_size) == (1, 128, 32)
+    assert ucsd["maps"].sm_dilation > 1  # the paper dilates SM on UCSD Ped1
+    cifar = runner.resolve_settings(_args(tmp_path, dataset="cifar10"))
+    assert (cifar["model"].image_size, cifar["model"].latent_size) == (32, 8)
+
+
+def test_fast_mode_and_cli_overrides(tmp_path, monkeypatch):
+    fast = runner.resolve_settings(_args(tmp_path, fast=True))
+    standard = runner.resolve_settings(_args(tmp_path))
+    assert fast["fast"] and fast["model"].image_size < standard["model"].image_size
+    monkeypatch.setenv("ADCORE_FAST", "1")
+    assert runner.resolve_settings(_args(tmp_path))["fast"]
+    over = runner.resolve_settings(_args(tmp_path, dataset="mvtec", image_size=128, epochs=3, seed=7))
+    assert over["model"].image_size == 128 and over["train"].epochs == 3 and over["train"].seed == 7
+    with pytest.raises(ValueError, match="not a multiple of 2\\*\\*n_down"):
+        runner.resolve_settings(_args(tmp_path, dataset="mvtec", image_size=98))
+    with pytest.raises(ValueError, match="no data set 'cracks'.*synthetic, mvtec, ucsd-ped1, cifar10"):
+        runner.resolve_settings(_args(tmp_path, dataset="cracks"))
+
+
+def test_synthetic_run_writes_the_contract(tmp_path):
+    """A tiny end-to-end run: train, evaluate both variants, write the JSON with provenance."""
+    args = _args(tmp_path, fast=True, epochs=2, image_size=32, category="tile")
+    out = run_method(args)
+    result = json.loads(out.read_text())
+    assert set(result["metrics"]) == set(METRIC_KEYS)
+    assert set(result["variants"]) == {"ssim", "am", "ssim+am"}
+    assert result["metrics"] == result["variants"]["ssim+am"]
+    for values in result["variants"].values():
+        assert all(0.0 <= v <= 1.0 for v in values.values())
+    config = result["config"]
+    assert config["dataset"] == "synthetic" and config["category"] == "tile" and config["fast"]
+    assert config["model"]["image_size"] == 32 and config["train"]["epochs"] == 2
+    assert config["summary"]["steps"] == 2 * (100 // 16)
+    assert config["data"]["n_test_images"] == 60
+    prov = result["provenance"]
+    assert {"version", "git_commit", "device", "torch", "date", "train_seconds", "eval_seconds"} <= set(prov)
+    assert (runner._checkpoint_path(args)).is_file()  # resumable
+    with pytest.raises(FileExistsError, match="--force"):
+        run_method(args)
+
+
+def test_cli_help_and_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["repro", "--help"])
+    assert "vqvae" in capsys.readouterr().out
+    code = main(["repro", "vqvae", "--dataset", "synthetic", "--category", "carpet", "--fast",
+                 "--out", str(tmp_path / "x.json")])
+    assert code == 2
+    assert "unknown synthetic category 'carpet'" in capsys.readouterr().err
+    code = main(["repro", "vqvae", "--dataset", "ucsd-ped1", "--fast", "--root", str(tmp_path),
+                 "--out", str(tmp_path / "u.json")])
+    assert code == 2
+    assert "no UCSD Ped1 data under" in capsys.readouterr().err
+
+
+def test_cifar10_run_is_image_level(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, per_class in [(f"data_batch_{i}", 3 if i == 1 else 0) for i in range(1, 6)] + [("test_batch", 2)]:
+        labels = [c for c in range(10) for _ in range(per_class)] or [0]
+        data = rng.integers(0, 255, (len(labels), 3072), dtype=np.uint8)
+        with open(folder / name, "wb") as handle:
+            pickle.dump({b"data": data, b"labels": labels}, handle, protocol=2)
+    with pytest.raises(ValueError, match="unknown CIFAR-10 class 'unicorn'"):
+        runner.run(_args(tmp_path, dataset="cifar10", root=tmp_path, category="unicorn", fast=True))
+    # 7 training airplanes (3 + one per other batch), fewer than a batch: the batch shrinks
+    result = runner.run(_args(tmp_path, dataset="cifar10", root=tmp_path, category="airplane",
+                              fast=True, epochs=2))
+    assert result["config"]["train"]["batch_size"] == 7
+    assert 0.0 <= result["metrics"]["image_auroc"] <= 1.0
+    assert result["metrics"]["pixel_auroc"] is None and result["metrics"]["pixel_aupro"] is None
+    assert result["config"]["data"]["n_test_images"] == 20
+
+
+def test_run_tables_skips_absent_data(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def fake_run(args):
+        calls.append((args.dataset, args.category, args.fast))
+        args.out.write_text("{}")
+        return args.out
+
+    monkeypatch.setattr(runner, "run_method", fake_run)
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "vqvae_synthetic_nut.json").write_text("{}")  # kept, not re-run
+    written = runner.run_tables(results, tmp_path / "data", None, True)
+    assert [c[:2] for c in calls] == [("synthetic", "concrete"), ("synthetic", "screw"),
+                                      ("synthetic", "tile")]
+    assert all(c[2] for c in calls)
+    assert [p.name for p in written] == ["vqvae_synthetic_concrete.json", "vqvae_synthetic_screw.json",
+                                         "vqvae_synthetic_tile.json"]
+    out = capsys.readouterr().out
+    assert "keep" in out and "vqvae_synthetic_nut.json" in out
+    assert "skip vqvae_mvtec_carpet.json: MVTec AD carpet" in out
+    assert "skip vqvae_ucsd-ped1.json: UCSD Ped1: no UCSD Ped1 data" in out
+    assert "skip vqvae_cifar10_truck.json: CIFAR-10: no CIFAR-10 data" in out
+
+
+def test_results_table_reads_only_measured_files(tmp_path):
+    assert runner.PAPER_TABLE1["tile"] == {"AE SSIM": 0.59, "VEVAE": 0.80, "FCDD": 0.91,
+                                           "ssim": 0.70, "ssim+am": 0.75}
+    assert len(runner.PAPER_TABLE1) == 15 and len(runner.PAPER_TABLE3) == 10
+    rows = runner.results_table(tmp_path, 1)
+    assert len(rows) == 15
+    tile = next(r for r in rows if r["category"] == "tile")
+    assert tile["paper ssim+am"] == 0.75 and tile["measured ssim+am"] is None  # not run
+    assert tile["provenance"] is None
+    measured = {"image_auroc": 0.6, "pixel_auroc": 0.7, "pixel_auroc_per_image": 0.81, "pixel_aupro": 0.5}
+    (tmp_path / "vqvae_mvtec_tile.json").write_text(json.dumps({
+        "metrics": measured, "variants": {"ssim": {**measured, "pixel_auroc_per_image": 0.77},
+                                          "ssim+am": measured, "am": measured},
+        "config": {}, "provenance": {"device": "cpu", "date": "2026-01-01", "git_commit": "abc"}}))
+    tile = next(r for r in runner.results_table(tmp_path, 1) if r["category"] == "tile")
+    assert tile["measured ssim+am"] == 0.81 and tile["measured ssim"] == 0.77
+    assert tile["provenance"] == {"device": "cpu", "date": "2026-01-01", "git_commit": "abc"}
+    assert next(r for r in runner.results_table(tmp_path, 1, "pixel_auroc")
+                if r["category"] == "tile")["measured ssim+am"] == 0.7
+    ucsd = runner.results_table(tmp_path, 2)
+    assert ucsd == [{"category": "UCSD Ped1", "paper ssim": 0.95, "paper ssim+am": 0.95,
+                     "measured ssim": None, "measured ssim+am": None, "measured am": None,
+                     "provenance": None}]
+    cifar = runner.results_table(tmp_path, 3)
+    assert cifar[0]["category"] == "airplane" and cifar[0]["paper ssim"] == 0.71
+    synthetic = runner.results_table(tmp_path, "synthetic")
+    assert [r["category"] for r in synthetic] == ["concrete", "nut", "screw", "tile"]
+    assert "paper ssim" not in synthetic[0]
+    (tmp_path / "vqvae_cifar10_cat.json").write_text("{not json")
+    with pytest.raises(ValueError, match="vqvae_cifar10_cat.json is not valid JSON"):
+        runner.results_table(tmp_path, 3)
+    with pytest.raises(ValueError, match="table=4"):
+        runner.results_table(tmp_path, 4)
+    with pytest.raises(ValueError, match="metric='f1'"):
+        runner.results_table(tmp_path, 1, "f1")

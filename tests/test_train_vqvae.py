@@ -1,0 +1,207 @@
+"""Tests of adcore.train.vqvae: exact resume, augmentation, epoch plans, error messages."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from adcore.train.loop import CheckpointMismatchError, NonFiniteLossError
+from adcore.train.vqvae import (
+    TrainHistory,
+    VQVAETrainConfig,
+    augment_batch,
+    checkpoint_path,
+    epoch_plan,
+    images_to_tensor,
+    train_vqvae,
+)
+from adcore.vqvae import VQVAE
+
+os.environ.setdefault("ADCORE_PROGRESS", "0")
+
+TINY = dict(image_size=16, n_down=2, hidden_channels=8, embedding_dim=8, codebook_size=16,
+            n_residual=1)
+
+
+def _model(seed: int = 0, **kw) -> VQVAE:
+    torch.manual_seed(seed)
+    return VQVAE(**{**TINY, **kw})
+
+
+def _images(n: int = 10, channels: int = 3) -> torch.Tensor:
+    g = torch.Generator().manual_seed(5)
+    return (torch.rand(n, channels, 16, 16, generator=g) * 255).to(torch.uint8)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run faster on one thread, and a busy shared CPU does not stall them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+CONFIG = VQVAETrainConfig(epochs=3, batch_size=4, lr=1e-3, images_per_epoch=12, augment=True,
+                          check_every=2)
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    """k steps, checkpoint, resume to n steps -> the same weights as n steps in one go."""
+    images = _images()
+    straight = _model()
+    history = train_vqvae(straight, images, CONFIG, device="cpu")
+    assert history.steps[-1] == 9  # 3 epochs x 3 steps
+
+    ckpt = tmp_path / "vqvae.pt"
+    first = _model()
+    part = train_vqvae(first, images, CONFIG, device="cpu", checkpoint=ckpt, max_steps=4)
+    assert part.steps[-1] == 4 and ckpt.is_file()  # stopped inside epoch 2
+    resumed = _model(seed=123)  # different init: everything must come from the checkpoint
+    full = train_vqvae(resumed, images, CONFIG, device="cpu", checkpoint=ckpt)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert full.steps == history.steps
+    assert full.loss == pytest.approx(history.loss)
+
+
+def test_checkpoint_of_another_configuration_is_refused(tmp_path):
+    ckpt = tmp_path / "vqvae.pt"
+    train_vqvae(_model(), _images(), CONFIG, device="cpu", checkpoint=ckpt, max_steps=1)
+    other = VQVAETrainConfig(**{**CONFIG.to_dict(), "lr": 5e-4})
+    with pytest.raises(CheckpointMismatchError, match="train.lr: checkpoint has 0.001, expected 0.0005"):
+        train_vqvae(_model(), _images(), other, device="cpu", checkpoint=ckpt)
+    with pytest.raises(CheckpointMismatchError, match="model.codebook_size"):
+        train_vqvae(_model(codebook_size=8), _images(), CONFIG, device="cpu", checkpoint=ckpt)
+
+
+def test_training_lowers_the_loss_and_records_history():
+    images = _images(8)
+    config = VQVAETrainConfig(epochs=30, batch_size=4, lr=2e-3, check_every=5)
+    history = train_vqvae(_model(), images, config, device="cpu")
+    assert isinstance(history, TrainHistory)
+    assert history.steps == list(range(5, 61, 5))
+    assert history.loss[-1] < history.loss[0]
+    assert all(1.0 <= p <= 16.0 for p in history.perplexity)
+    assert all(0.0 < u <= 1.0 for u in history.usage)
+    assert history.images_per_second > 0
+    assert TrainHistory.from_dict(history.to_dict()) == history
+
+
+def test_nan_loss_names_the_step():
+    images = torch.rand(8, 3, 16, 16)
+    images[3] = float("nan")
+    config = VQVAETrainConfig(epochs=2, batch_size=4, check_every=100)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite VQ-VAE loss at step 1 .*lower the learning rate"):
+        train_vqvae(_model(), images, config, device="cpu")
+
+
+def test_bad_images_and_config():
+    with pytest.raises(ValueError, match="1 channels"):
+        train_vqvae(_model(), _images(channels=1), CONFIG, device="cpu")
+    with pytest.raises(ValueError, match="expected \\(N, C, H, W\\)"):
+        train_vqvae(_model(), torch.rand(3, 16, 16), CONFIG, device="cpu")
+    with pytest.raises(ValueError, match="batch_size=64 is larger than the 10 images"):
+        train_vqvae(_model(), _images(), VQVAETrainConfig(batch_size=64), device="cpu")
+    with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA device"):
+        train_vqvae(_model(), _images(), VQVAETrainConfig(batch_size=2, cuda_graph=True), device="cpu")
+    with pytest.raises(ValueError, match="lr=0"):
+        VQVAETrainConfig(lr=0)
+    with pytest.raises(ValueError, match="epochs=0"):
+        VQVAETrainConfig(epochs=0)
+
+
+def test_epoch_plan_is_seeded_and_covers_the_data():
+    config = VQVAETrainConfig(images_per_epoch=25, seed=3)
+    plan = epoch_plan(10, 0, config)
+    assert plan["indices"].shape == (25,)
+    counts = torch.bincount(plan["indices"], minlength=10)
+    assert counts.min() >= 2 and counts.max() <= 3  # the set is repeated, then shuffled
+    again = epoch_plan(10, 0, config)
+    assert all(torch.equal(plan[k], again[k]) for k in plan)
+    other = epoch_plan(10, 1, config)
+    assert not torch.equal(plan["indices"], other["indices"])
+    assert plan["angles"].abs().max() <= 15.0
+    no_flip = epoch_plan(10, 0, VQVAETrainConfig(hflip=False, vflip=False))
+    assert not no_flip["hflip"].any() and not no_flip["vflip"].any()
+
+
+def test_augment_batch_flips_and_rotations():
+    x = torch.rand(3, 2, 8, 8)
+    no = torch.zeros(3, dtype=torch.bool)
+    assert torch.allclose(augment_batch(x, no, no, torch.zeros(3)), x, atol=1e-6)
+    flip = torch.tensor([True, False, True])
+    out = augment_batch(x, flip, no, torch.zeros(3))
+    assert torch.allclose(out[0], x[0].flip(-1), atol=1e-6) and torch.allclose(out[1], x[1], atol=1e-6)
+    out = augment_batch(x, no, flip, torch.zeros(3))
+    assert torch.allclose(out[2], x[2].flip(-2), atol=1e-6)
+    out = augment_batch(x, no, no, torch.full((3,), 90.0))  # counter-clockwise quarter turn
+    assert torch.allclose(out, torch.rot90(x, 1, (2, 3)), atol=1e-5)
+
+
+def test_images_to_tensor():
+    items = [{"image": torch.full((1, 4, 4), v)} for v in (0.0, 0.5, 1.0)]
+    stacked = images_to_tensor(items)
+    assert stacked.dtype == torch.uint8 and stacked.shape == (3, 1, 4, 4)
+    assert stacked[:, 0, 0, 0].tolist() == [0, 128, 255]
+    with pytest.raises(ValueError, match="image 1 of the data set has shape \\(1, 5, 5\\)"):
+        images_to_tensor([{"image": torch.zeros(1, 4, 4)}, {"image": torch.zeros(1, 5, 5)}])
+    with pytest.raises(ValueError, match="empty"):
+        images_to_tensor([])
+
+
+
+def test_checkpoint_path_records_the_configuration(tmp_path):
+    model = _model()
+    path = checkpoint_path("ch03", model, CONFIG, tmp_path)
+    assert path.parent == tmp_path and path.name.startswith("ch03-") and path.suffix == ".ckpt"
+    assert checkpoint_path("ch03", _model(seed=9), CONFIG, tmp_path) == path  # weights don't count
+    more_epochs = VQVAETrainConfig(**{**CONFIG.to_dict(), "epochs": 10, "check_every": 1})
+    assert checkpoint_path("ch03", model, more_epochs, tmp_path) == path  # resumable: same file
+    other_lr = VQVAETrainConfig(**{**CONFIG.to_dict(), "lr": 1e-4})
+    assert checkpoint_path("ch03", model, other_lr, tmp_path) != path
+    assert checkpoint_path("ch03", _model(codebook_size=8), CONFIG, tmp_path) != path
+
+
+def test_finished_training_is_loaded_not_repeated(tmp_path):
+    ckpt = tmp_path / "done.ckpt"
+    first = train_vqvae(_model(), _images(), CONFIG, device="cpu", checkpoint=ckpt)
+    again_model = _model(seed=5)
+    again = train_vqvae(again_model, _images(), CONFIG, device="cpu", checkpoint=ckpt)
+    assert again.steps == first.steps and again.loss == first.loss
+    assert again.images_per_second == 0.0  # nothing trained in this call
+
+
+# --------------------------------------------------------------------------- CUDA (lent GPU only)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+def test_cuda_graph_step_equals_eager_step():
+    """The captured step (warm-up undone) trains like the eager one (fp32, same batches)."""
+    images = _images(16)
+    base = dict(epochs=2, batch_size=4, lr=1e-3, augment=True, check_every=4, amp=False,
+                channels_last=False)
+    eager, graphed = _model().cuda(), _model().cuda()
+    h1 = train_vqvae(eager, images, VQVAETrainConfig(**base), device="cuda")
+    h2 = train_vqvae(graphed, images, VQVAETrainConfig(**base, cuda_graph=True), device="cuda")
+    assert h1.steps == h2.steps
+    assert h2.loss == pytest.approx(h1.loss, rel=1e-3, abs=1e-4)
+    for (name, a), b in zip(eager.state_dict().items(), graphed.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-4), name
+
+
+@needs_cuda
+def test_cuda_fast_path_trains_and_nan_is_caught():
+    images = _images(16)
+    config = VQVAETrainConfig(epochs=3, batch_size=4, lr=2e-3, check_every=4)  # bf16 + channels-last
+    history = train_vqvae(_model().cuda(), images, config, device="cuda")
+    assert all(torch.isfinite(torch.tensor(history.loss)))
+    assert history.loss[-1] < history.loss[0]
+    bad = images.float() / 255
+    bad[5] = float("nan")
+    with pytest.raises(NonFiniteLossError, match="at step"):
+        train_vqvae(_model().cuda(), bad, VQVAETrainConfig(epochs=1, batch_size=4, check_every=50),
+                    device="cuda")
