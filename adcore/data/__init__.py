@@ -4,6 +4,7 @@ Chapter 1 (``book/01_data``) explains every piece.
 """
 
 from adcore.data.cifar import CIFAR10_CLASSES, CIFAR10OneVsRest, read_cifar10
+from adcore.data.cracks import count_tiles, crack_datasets, crack_root
 from adcore.data.download import REGISTRY, Resource, download, safe_extract, sha256sum
 from adcore.data.mvtec import MVTEC_CATEGORIES, FolderDataset, MVTecAD, read_image, read_mask
 from adcore.data.root import data_root, synthetic_dataset
@@ -27,6 +28,9 @@ __all__ = [
     "MVTecAD",
     "Resource",
     "SyntheticSample",
+    "count_tiles",
+    "crack_datasets",
+    "crack_root",
     "data_root",
     "download",
     "make_synthetic_dataset",

@@ -1,0 +1,207 @@
+"""Poisson blending speed: adcore.poisson vs OpenCV's seamlessClone, in one process.
+
+CPU: per-image time on 256×256 RGB images with a crack mask, one image at a time and one
+thread each (how a data-loader worker runs them), for
+
+- ``adcore exact``: :func:`adcore.poisson.poisson_blend` (CG on the masked pixels, tol 1e-5),
+- ``adcore box``: :func:`adcore.poisson.poisson_blend_box` (OpenCV's bounding-box approximation),
+- ``cv2``: ``cv2.seamlessClone(..., NORMAL_CLONE)`` (also the bounding-box approximation),
+
+and the ratio adcore exact / cv2 (below 1: adcore is faster). Crack masks come from the
+DeepCrack subset in ``../shared/data`` when it exists, else from adcore's synthetic cracks
+(``--masks synthetic`` forces these). A compact "blob" mask is timed as well, the case where
+the sine-transform preconditioner takes over.
+
+CUDA (when available): one batch of 64 such images, median of repeated timed calls.
+
+Usage: ``python benchmarks/poisson.py [--images 16] [--masks auto|deepcrack|synthetic]``.
+Figures are quoted, with the device, in ``benchmarks/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from scipy import ndimage
+
+from adcore.data import sample_image
+from adcore.poisson import poisson_blend_box, poisson_blend_info
+
+SIZE = 256
+
+
+def shared_cracks() -> Path | None:
+    root = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "deepcrack"
+    return root if (root / "mask").is_dir() else None
+
+
+def crack_masks(count: int, kind: str) -> tuple[list[np.ndarray], str]:
+    """``count`` crack masks of SIZE² (dilated by 2 px, as a blend region should enclose the
+    defect), from DeepCrack when available."""
+    root = shared_cracks() if kind in ("auto", "deepcrack") else None
+    if kind == "deepcrack" and root is None:
+        raise SystemExit("--masks deepcrack: ../shared/data/deepcrack not found")
+    masks = []
+    if root is not None:
+        for path in sorted((root / "mask").glob("*.png"))[:count]:
+            full = np.asarray(Image.open(path).convert("L")) > 127
+            masks.append(full[:SIZE, :SIZE])               # a 256² crop of the 544×384 image
+        origin = "DeepCrack (../shared/data)"
+    else:
+        index = 0
+        while len(masks) < count:
+            sample = sample_image("concrete", "crack", SIZE, seed=1, index=index)
+            index += 1
+            if sample.mask.sum() >= 200:
+                masks.append(sample.mask)
+        origin = "adcore synthetic cracks"
+    masks = [ndimage.binary_dilation(m, iterations=2) for m in masks if m.any()]
+    return masks, origin
+
+
+def blob_mask(rng: np.random.Generator) -> np.ndarray:
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    cy, cx = rng.integers(80, 176, size=2)
+    radius = 30 + 15 * np.sin(3 * np.arctan2(yy - cy, xx - cx))
+    return np.hypot(yy - cy, xx - cx) < radius
+
+
+def images(count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Healthy targets and defect sources, (count, SIZE, SIZE, 3) float32 in [0, 1]."""
+    targets = np.stack([sample_image("concrete", "good", SIZE, seed=0, index=i).image
+                        for i in range(count)])
+    sources = np.stack([sample_image("tile", "good", SIZE, seed=0, index=i).image
+                        for i in range(count)])
+    return targets, sources
+
+
+def to_torch(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2).contiguous()
+
+
+def time_per_image(fn, count: int, repeats: int = 3) -> float:
+    """Best of ``repeats`` passes over the images; CPU seconds per image.
+
+    Process CPU time, not wall time: with one thread it is the work done, and it stays fair
+    when other jobs share the machine's cores.
+    """
+    fn(0)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.process_time()
+        for i in range(count):
+            fn(i)
+        best = min(best, (time.process_time() - start) / count)
+    return best
+
+
+def cpu_table(targets: np.ndarray, sources: np.ndarray, masks: list[np.ndarray],
+              label: str) -> float:
+    import cv2
+
+    count = len(masks)
+    t, s = to_torch(targets[:count]), to_torch(sources[:count])
+    m = torch.from_numpy(np.stack(masks))[:, None]
+    u8 = lambda a: np.ascontiguousarray((a[..., ::-1] * 255).round().astype(np.uint8))  # noqa: E731
+    t8, s8 = [u8(a) for a in targets[:count]], [u8(a) for a in sources[:count]]
+    m8 = [mask.astype(np.uint8) * 255 for mask in masks]
+    centres = []
+    for mask in masks:
+        ys, xs = np.nonzero(mask)
+        # seamlessClone centres the mask's bounding box at this point: keep it in place
+        centres.append((int((xs.min() + xs.max() + 1) // 2), int((ys.min() + ys.max() + 1) // 2)))
+
+    iterations = []
+
+    def exact(i: int) -> None:
+        _, info = poisson_blend_info(t[i:i + 1], s[i:i + 1], m[i:i + 1])
+        iterations.append((info.iterations, info.preconditioner))
+
+    def box(i: int) -> None:
+        poisson_blend_box(t[i:i + 1], s[i:i + 1], m[i:i + 1])
+
+    def opencv(i: int) -> None:
+        cv2.seamlessClone(s8[i], t8[i], m8[i], centres[i], cv2.NORMAL_CLONE)
+
+    # interleave the three so that load on a shared machine hits them alike
+    times = {"adcore exact": [], "adcore box": [], "cv2 seamlessClone": []}
+    for _ in range(3):
+        times["adcore exact"].append(time_per_image(exact, count, repeats=1))
+        times["adcore box"].append(time_per_image(box, count, repeats=1))
+        times["cv2 seamlessClone"].append(time_per_image(opencv, count, repeats=1))
+    best = {name: min(values) for name, values in times.items()}
+    area = float(np.mean([mask.mean() for mask in masks]))
+    its = [n for n, _ in iterations]
+    used = sorted({name for _, name in iterations})
+    print(f"\n{label}: {count} images, mean mask area {100 * area:.1f} %, CG iterations "
+          f"{min(its)}-{max(its)} (preconditioner {', '.join(used)})")
+    for name, seconds in best.items():
+        print(f"  {name:<20} {seconds * 1e3:8.2f} ms / image")
+    ratio = best["adcore exact"] / best["cv2 seamlessClone"]
+    print(f"  ratio adcore exact / cv2 = {ratio:.2f}  ({'faster' if ratio < 1 else 'slower'})")
+    return ratio
+
+
+def cuda_timing(targets: np.ndarray, sources: np.ndarray, masks: list[np.ndarray],
+                label: str, batch: int = 64, repeats: int = 20) -> None:
+    device = torch.device("cuda")
+    picks = [i % len(masks) for i in range(batch)]
+    t = to_torch(targets[[i % len(targets) for i in range(batch)]]).to(device)
+    s = to_torch(sources[[i % len(sources) for i in range(batch)]]).to(device)
+    m = torch.from_numpy(np.stack([masks[i] for i in picks]))[:, None].to(device)
+    for _ in range(3):
+        _, info = poisson_blend_info(t, s, m)
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        poisson_blend_info(t, s, m)
+        torch.cuda.synchronize()
+        samples.append(time.perf_counter() - start)
+    box_samples = []
+    for _ in range(3):
+        start = time.perf_counter()
+        poisson_blend_box(t, s, m)
+        torch.cuda.synchronize()
+        box_samples.append(time.perf_counter() - start)
+    print(f"\nCUDA {torch.cuda.get_device_name(device)}, {label}, batch {batch} × 3 × {SIZE}²: "
+          f"exact {statistics.median(samples) * 1e3:.2f} ms per batch (median of {repeats}; "
+          f"{info.iterations} CG iterations, {info.preconditioner}); box approximation "
+          f"(a loop over items) {min(box_samples) * 1e3:.1f} ms")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--masks", choices=("auto", "deepcrack", "synthetic"), default="auto")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads for torch and OpenCV (default 1, a loader worker)")
+    args = parser.parse_args()
+    import cv2
+
+    torch.set_num_threads(args.threads)
+    cv2.setNumThreads(args.threads)
+    print(f"torch {torch.__version__}, OpenCV {cv2.__version__}, {platform.processor() or platform.machine()}, "
+          f"{args.threads} thread(s)")
+    masks, origin = crack_masks(args.images, args.masks)
+    targets, sources = images(len(masks))
+    cpu_table(targets, sources, masks, f"crack masks from {origin}")
+    rng = np.random.default_rng(0)
+    blobs = [blob_mask(rng) for _ in range(min(8, len(masks)))]
+    cpu_table(targets, sources, blobs, "compact blob masks (radius 15-45 px)")
+    if torch.cuda.is_available():
+        cuda_timing(targets, sources, masks, f"crack masks from {origin}")
+        cuda_timing(targets, sources, blobs, "blob masks")
+    else:
+        print("\nno CUDA device: GPU timing skipped")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,373 @@
+"""Tests of adcore.poisson: the masked Poisson solve against independent references.
+
+The references are built here, independently of the package: Pérez et al.'s discrete system
+(their Eq. 7) assembled pixel by pixel as a scipy sparse matrix and solved directly, and an
+analytic solution (a quadratic source plus a harmonic correction on a disc).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import scipy.fft
+import scipy.sparse
+import scipy.sparse.linalg
+import torch
+
+from adcore.poisson import (
+    SolveInfo,
+    dst1,
+    laplacian,
+    poisson_blend,
+    poisson_blend_box,
+    poisson_blend_info,
+    poisson_solve_rectangle,
+)
+
+NEIGHBOURS = ((-1, 0), (1, 0), (0, -1), (0, 1))
+
+
+# --------------------------------------------------------------------------- references
+def perez_direct(target: np.ndarray, source: np.ndarray, mask: np.ndarray,
+                 guidance: str = "source") -> np.ndarray:
+    """Pérez et al. Eq. 7 solved with a sparse LU, one channel at a time.
+
+    For p in the mask: |N_p| f_p - sum_{q in N_p ∩ Ω} f_q = sum_{q in N_p ∖ Ω} t_q + sum_q v_pq,
+    N_p the 4-neighbours inside the image.
+    """
+    channels, height, width = target.shape
+    pixels = [(y, x) for y in range(height) for x in range(width) if mask[y, x]]
+    index = {pixel: i for i, pixel in enumerate(pixels)}
+    rows, cols, vals = [], [], []
+    for i, (y, x) in enumerate(pixels):
+        degree = 0
+        for dy, dx in NEIGHBOURS:
+            qy, qx = y + dy, x + dx
+            if 0 <= qy < height and 0 <= qx < width:
+                degree += 1
+                if (qy, qx) in index:
+                    rows.append(i)
+                    cols.append(index[(qy, qx)])
+                    vals.append(-1.0)
+        rows.append(i)
+        cols.append(i)
+        vals.append(float(degree))
+    matrix = scipy.sparse.csc_matrix((vals, (rows, cols)), shape=(len(pixels), len(pixels)))
+    lu = scipy.sparse.linalg.splu(matrix)
+    out = target.astype(np.float64).copy()
+    for c in range(channels):
+        s, t = source[c].astype(np.float64), target[c].astype(np.float64)
+        rhs = np.zeros(len(pixels))
+        for i, (y, x) in enumerate(pixels):
+            for dy, dx in NEIGHBOURS:
+                qy, qx = y + dy, x + dx
+                if not (0 <= qy < height and 0 <= qx < width):
+                    continue
+                ds, dt = s[y, x] - s[qy, qx], t[y, x] - t[qy, qx]
+                v = dt if guidance == "mixed" and abs(dt) > abs(ds) else ds
+                rhs[i] += v
+                if (qy, qx) not in index:
+                    rhs[i] += t[qy, qx]
+        solution = lu.solve(rhs)
+        for i, (y, x) in enumerate(pixels):
+            out[c, y, x] = solution[i]
+    return out
+
+
+def blob_mask(rng: np.random.Generator, height: int, width: int, threshold: float) -> np.ndarray:
+    """An irregular mask: smoothed noise above a threshold (several components, holes)."""
+    noise = rng.normal(size=(height, width))
+    for _ in range(3):
+        noise = (noise + np.roll(noise, 1, 0) + np.roll(noise, -1, 0)
+                 + np.roll(noise, 1, 1) + np.roll(noise, -1, 1)) / 5
+    return noise > threshold * noise.std()
+
+
+def random_case(seed: int, batch: int = 2, channels: int = 3, height: int = 23, width: int = 19,
+                threshold: float = 0.3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rng = np.random.default_rng(seed)
+    target = torch.from_numpy(rng.random((batch, channels, height, width), dtype=np.float32))
+    source = torch.from_numpy(rng.random((batch, channels, height, width), dtype=np.float32))
+    masks = np.stack([blob_mask(rng, height, width, threshold) for _ in range(batch)])
+    return target, source, torch.from_numpy(masks)[:, None]
+
+
+# --------------------------------------------------------------------------- exact solve
+@pytest.mark.parametrize("guidance", ["source", "mixed"])
+@pytest.mark.parametrize("preconditioner", ["jacobi", "dst"])
+def test_matches_sparse_direct_solve(guidance: str, preconditioner: str) -> None:
+    target, source, mask = random_case(seed=1)
+    assert mask.any() and not mask.all()
+    out = poisson_blend(target, source, mask, guidance=guidance, preconditioner=preconditioner)
+    for b in range(target.shape[0]):
+        expected = perez_direct(target[b].numpy(), source[b].numpy(), mask[b, 0].numpy(), guidance)
+        np.testing.assert_allclose(out[b].numpy(), expected, atol=1e-3, rtol=0)
+
+
+def test_matches_direct_solve_with_masks_touching_every_border() -> None:
+    rng = np.random.default_rng(7)
+    height, width = 17, 21
+    target = torch.from_numpy(rng.random((3, 2, height, width), dtype=np.float32))
+    source = torch.from_numpy(rng.random((3, 2, height, width), dtype=np.float32))
+    masks = np.zeros((3, height, width), bool)
+    masks[0, :6, :5] = True                      # a corner
+    masks[0, 10:, 14:] = True                    # the opposite corner
+    masks[1, 8, :] = True                        # a full row: touches left and right
+    masks[1, :, 3] = True                        # a full column: touches top and bottom
+    masks[2] = True                              # everything but one pixel
+    masks[2, 9, 11] = False
+    mask = torch.from_numpy(masks)[:, None]
+    out = poisson_blend(target, source, mask)
+    # one boundary pixel makes A ill-conditioned: tol bounds the residual, not the error, so
+    # this item needs a tighter tol than the default to reach 1e-3
+    out[2:] = poisson_blend(target[2:], source[2:], mask[2:], tol=1e-6)
+    for b in range(3):
+        expected = perez_direct(target[b].numpy(), source[b].numpy(), masks[b])
+        np.testing.assert_allclose(out[b].numpy(), expected, atol=1e-3, rtol=0)
+
+
+def test_analytic_quadratic_plus_harmonic_on_a_disc() -> None:
+    """Source g = a(x² + y²) has a constant discrete Laplacian; h = b(x² - y²) + c·xy is
+    discrete-harmonic. With the target equal to g + h around the disc (and noise inside it),
+    the exact solution inside is g + h."""
+    size = 48
+    y, x = torch.meshgrid(torch.arange(size, dtype=torch.float64) - 23.5,
+                          torch.arange(size, dtype=torch.float64) - 22.0, indexing="ij")
+    disc = (x**2 + y**2) <= 18.0**2
+    source = 0.2 + 3e-4 * (x**2 + y**2)
+    harmonic = 0.3 + 2e-4 * (x**2 - y**2) + 1e-4 * x * y
+    expected = source + harmonic
+    noise = torch.rand(size, size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    target = torch.where(disc, noise, expected)
+    out = poisson_blend(target[None, None].float(), source[None, None].float(), disc[None, None])
+    assert (out[0, 0].double() - expected)[disc].abs().max().item() < 1e-3   # default tol
+    out = poisson_blend(target[None, None].float(), source[None, None].float(), disc[None, None],
+                        tol=1e-6)
+    error = (out[0, 0].double() - expected)[disc].abs().max().item()
+    assert error < 1e-4, error
+    # and in double precision the solve reaches far below float32's resolution
+    out64 = poisson_blend(target[None, None], source[None, None], disc[None, None], tol=1e-12)
+    assert (out64[0, 0] - expected)[disc].abs().max().item() < 1e-9
+
+
+def test_outside_mask_is_bit_identical_and_inside_changes() -> None:
+    target, source, mask = random_case(seed=3, batch=3)
+    for guidance in ("source", "mixed"):
+        out = poisson_blend(target, source, mask, guidance=guidance)
+        outside = ~mask.expand_as(target)
+        assert torch.equal(out[outside], target[outside])
+        assert (out[~outside] - target[~outside]).abs().max() > 0.05
+
+
+def test_batch_equals_items_one_by_one() -> None:
+    target, source, mask = random_case(seed=4, batch=3)
+    mask[1] = False                               # an item without defect: returned unchanged
+    together = poisson_blend(target, source, mask)
+    assert torch.equal(together[1], target[1])
+    for b in range(3):
+        alone = poisson_blend(target[b:b + 1], source[b:b + 1], mask[b:b + 1])
+        torch.testing.assert_close(together[b:b + 1], alone, atol=2e-4, rtol=0)
+
+
+def test_float_mask_dtype_and_float64_are_accepted() -> None:
+    target, source, mask = random_case(seed=5, batch=1)
+    as_bool = poisson_blend(target, source, mask)
+    as_float = poisson_blend(target, source, mask.float())
+    torch.testing.assert_close(as_bool, as_float)
+    out64 = poisson_blend(target.double(), source.double(), mask)
+    assert out64.dtype == torch.float64
+    torch.testing.assert_close(out64.float(), as_bool, atol=1e-4, rtol=0)
+    half = poisson_blend(target.bfloat16(), source.bfloat16(), mask)
+    assert half.dtype == torch.bfloat16
+    assert torch.equal(half[~mask.expand_as(half)], target.bfloat16()[~mask.expand_as(half)])
+
+
+def test_info_reports_convergence_and_warns_when_not_converged() -> None:
+    target, source, mask = random_case(seed=6, batch=2, height=40, width=40, threshold=-0.5)
+    out, info = poisson_blend_info(target, source, mask, tol=1e-6)
+    assert isinstance(info, SolveInfo)
+    assert info.converged and info.residual <= 1e-6 and info.iterations > 1
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+        _, short = poisson_blend_info(target, source, mask, tol=1e-6, max_iter=2)
+    assert not short.converged and short.iterations == 2 and short.residual > 1e-6
+
+
+def test_preconditioners_agree_and_dst_needs_fewer_iterations_on_a_fat_mask() -> None:
+    size = 128
+    y, x = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    disc = (((x - 62) ** 2 + (y - 65) ** 2) <= 56**2)[None, None]   # thickness ~44, fill ~0.8
+    gen = torch.Generator().manual_seed(0)
+    target, source = torch.rand(2, 1, 3, size, size, generator=gen)
+    a, info_jacobi = poisson_blend_info(target, source, disc, preconditioner="jacobi")
+    b, info_dst = poisson_blend_info(target, source, disc, preconditioner="dst")
+    torch.testing.assert_close(a, b, atol=5e-4, rtol=0)
+    assert info_dst.iterations < info_jacobi.iterations / 4, (info_dst, info_jacobi)
+    _, info_auto = poisson_blend_info(target, source, disc)
+    assert info_auto.preconditioner == "dst"
+    ring = disc & ~(((x - 62) ** 2 + (y - 65) ** 2) <= 50**2)[None, None]  # thin, sprawling
+    line = torch.zeros_like(disc)
+    line[..., 60:63, 5:120] = True
+    at_border = disc.clone()
+    at_border[..., :, :20] = True                                    # a fat mask on the border
+    for other in (ring, line, at_border):
+        _, info_other = poisson_blend_info(target, source, other)
+        assert info_other.preconditioner == "jacobi"
+
+
+def test_gradients_match_finite_differences() -> None:
+    """The implicit adjoint (a second solve with the same symmetric matrix) is the exact gradient."""
+    gen = torch.Generator().manual_seed(0)
+    target = torch.rand(2, 2, 7, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    source = torch.rand(2, 2, 7, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    mask = torch.zeros(2, 1, 7, 6, dtype=torch.bool)
+    mask[0, 0, 1:5, 2:5] = True
+    mask[0, 0, 0, 0] = True
+    mask[1, 0, 3:, 1:3] = True
+    for guidance in ("source", "mixed"):
+        def blend(t: torch.Tensor, s: torch.Tensor, guidance: str = guidance) -> torch.Tensor:
+            return poisson_blend(t, s, mask, guidance=guidance, tol=1e-13)
+        # fast_mode checks random projections of the Jacobian: enough, and far fewer solves
+        assert torch.autograd.gradcheck(blend, (target, source), atol=1e-7, fast_mode=True)
+
+
+def test_gradient_of_the_mean_inside_the_mask_flows_to_the_boundary_only() -> None:
+    target = torch.rand(1, 1, 12, 12, requires_grad=True)
+    source = torch.rand(1, 1, 12, 12, requires_grad=True)
+    mask = torch.zeros(1, 1, 12, 12, dtype=torch.bool)
+    mask[..., 3:8, 4:9] = True
+    out = poisson_blend(target, source, mask)
+    out[mask].sum().backward()
+    cross = torch.tensor([[0.0, 1, 0], [1, 1, 1], [0, 1, 0]])[None, None]
+    ring = (torch.nn.functional.conv2d(mask.float(), cross, padding=1) > 0) & ~mask
+    assert target.grad[~(ring | mask)].abs().max() == 0
+    assert target.grad[ring].abs().min() > 0
+    # source only enters through its gradient: adding a constant changes nothing
+    torch.testing.assert_close(source.grad.sum(), torch.tensor(0.0), atol=1e-5, rtol=0)
+
+
+def test_padding_columns_are_inert() -> None:
+    """The GPU path pads each item's columns to a bucketed width; the solution must not move."""
+    from adcore.poisson import _bucket, _conjugate_gradients, _MaskedSystem
+
+    assert [_bucket(n) for n in (1, 256, 257, 1000, 1024, 1025)] == [256, 256, 512, 1024, 1024,
+                                                                      2048]
+    target, source, mask = random_case(seed=12, batch=3)
+    solutions = []
+    for bucket in (False, True):
+        system = _MaskedSystem(mask[:, 0], 3, torch.float32, bucket=bucket)
+        rhs = system.to_columns(system.rhs(target, source, "source"))
+        u, info = _conjugate_gradients(system, rhs, 1e-6, 500, "jacobi", 1)
+        assert info.converged
+        solutions.append(system.from_columns(u))
+    assert solutions[1].shape == solutions[0].shape
+    torch.testing.assert_close(solutions[0], solutions[1], atol=1e-6, rtol=0)
+
+
+# --------------------------------------------------------------------------- the box approximation
+def test_box_equals_exact_when_the_mask_is_its_own_bounding_box() -> None:
+    target, source, _ = random_case(seed=8, batch=2, height=20, width=24)
+    mask = torch.zeros(2, 1, 20, 24, dtype=torch.bool)
+    mask[0, 0, 3:15, 5:20] = True
+    mask[1, 0, 8:12, 2:9] = True
+    for guidance in ("source", "mixed"):
+        exact = poisson_blend(target, source, mask, guidance=guidance, tol=1e-7)
+        box = poisson_blend_box(target, source, mask, guidance=guidance)
+        torch.testing.assert_close(box, exact, atol=1e-4, rtol=0)
+
+
+def test_box_changes_the_box_only_and_differs_from_exact_outside_the_mask() -> None:
+    target, source, mask = random_case(seed=9, batch=1, height=30, width=30)
+    mask[:] = False
+    mask[0, 0, 10:20, 12] = True                 # an L-shaped crack: its box is mostly healthy
+    mask[0, 0, 19, 12:22] = True
+    box = poisson_blend_box(target, source, mask)
+    inside_box = torch.zeros_like(mask)
+    inside_box[..., 10:20, 12:22] = True
+    outside = ~inside_box.expand_as(target)
+    assert torch.equal(box[outside], target[outside])
+    healthy_in_box = (inside_box & ~mask).expand_as(target)
+    assert (box - target)[healthy_in_box].abs().max() > 1e-3
+
+
+# --------------------------------------------------------------------------- building blocks
+@pytest.mark.parametrize("length", [1, 2, 7, 64, 65])
+def test_dst1_matches_scipy(length: int) -> None:
+    x = torch.randn(3, 5, length, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    expected = scipy.fft.dst(x.numpy(), type=1, axis=-1) / 2
+    np.testing.assert_allclose(dst1(x).numpy(), expected, atol=1e-10)
+    np.testing.assert_allclose(dst1(x.transpose(1, 2), dim=1).transpose(1, 2).numpy(), expected,
+                               atol=1e-10)
+
+
+def test_rectangle_solve_inverts_the_dirichlet_laplacian() -> None:
+    gen = torch.Generator().manual_seed(2)
+    u = torch.randn(2, 3, 9, 13, generator=gen, dtype=torch.float64)
+    padded = torch.nn.functional.pad(u, (1, 1, 1, 1))
+    dirichlet = 4 * u - (padded[..., :-2, 1:-1] + padded[..., 2:, 1:-1]
+                         + padded[..., 1:-1, :-2] + padded[..., 1:-1, 2:])
+    torch.testing.assert_close(poisson_solve_rectangle(dirichlet), u, atol=1e-10, rtol=0)
+
+
+def test_laplacian_is_the_graph_laplacian_with_natural_border() -> None:
+    image = torch.rand(1, 1, 5, 6, dtype=torch.float64)
+    lap = laplacian(image)
+    torch.testing.assert_close(lap.sum(), torch.tensor(0.0, dtype=torch.float64))
+    i = image[0, 0]
+    assert torch.isclose(lap[0, 0, 0, 0], 2 * i[0, 0] - i[0, 1] - i[1, 0])
+    assert torch.isclose(lap[0, 0, 2, 3], 4 * i[2, 3] - i[1, 3] - i[3, 3] - i[2, 2] - i[2, 4])
+
+
+# --------------------------------------------------------------------------- bad input
+def _ok() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    target, source, mask = random_case(seed=10, batch=2, channels=3, height=8, width=8)
+    mask[..., 2:4, 2:4] = True
+    return target, source, mask
+
+
+@pytest.mark.parametrize("blend", [poisson_blend, poisson_blend_box])
+def test_bad_inputs_raise_clear_errors(blend) -> None:
+    target, source, mask = _ok()
+    with pytest.raises(ValueError, match=r"target.*\(B, C, H, W\)"):
+        blend(target[0], source[0], mask[0])
+    with pytest.raises(ValueError, match=r"source.*\(2, 3, 8, 7\).*\(2, 3, 8, 8\)"):
+        blend(target, source[..., :7], mask)
+    with pytest.raises(ValueError, match=r"mask.*\(2, 1, 8, 8\)"):
+        blend(target, source, mask[..., :7, :])
+    with pytest.raises(ValueError, match=r"mask.*\(2, 1, 8, 8\)"):
+        blend(target, source, mask.expand(2, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"mask.*0 or 1.*0\.5"):
+        blend(target, source, mask.float() * 0.5)
+    with pytest.raises(TypeError, match="floating"):
+        blend((target * 255).to(torch.uint8), source, mask)
+    bad = target.clone()
+    bad[1, 2, 3, 4] = float("nan")
+    with pytest.raises(ValueError, match=r"target.*non-finite.*item 1"):
+        blend(bad, source, mask)
+    bad = source.clone()
+    bad[0, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"source.*non-finite.*item 0"):
+        blend(target, bad, mask)
+    with pytest.raises(ValueError, match="guidance"):
+        blend(target, source, mask, guidance="average")
+
+
+def test_full_mask_has_no_boundary_and_is_refused() -> None:
+    target, source, mask = _ok()
+    mask[1] = True
+    with pytest.raises(ValueError, match=r"item 1.*whole image.*boundary"):
+        poisson_blend(target, source, mask)
+
+
+def test_bad_solver_settings() -> None:
+    target, source, mask = _ok()
+    with pytest.raises(ValueError, match="tol"):
+        poisson_blend(target, source, mask, tol=0.0)
+    with pytest.raises(ValueError, match="max_iter"):
+        poisson_blend(target, source, mask, max_iter=0)
+    with pytest.raises(ValueError, match="preconditioner"):
+        poisson_blend(target, source, mask, preconditioner="ilu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        poisson_blend(target, source, mask)  # no warning on a normal call
