@@ -114,9 +114,14 @@ def defect_source(image: Any, mask: Any, name: str = "", margin: int = 6) -> Def
                          "expected finite values in [0, 1]")
     if not bool(mask.any()):
         raise ValueError(f"source {name!r} has an empty mask: there is no defect to paste")
+    # A defect touching its image's border still needs its ring of healthy pixels (the blend's
+    # boundary): pad by edge replication so that the crop always has ``margin`` pixels around.
+    if margin > 0:
+        image = F.pad(image[None], (margin,) * 4, mode="replicate")[0]
+        mask = F.pad(mask, (margin,) * 4)
     ys, xs = mask.nonzero().unbind(1)
-    top, bottom = max(int(ys.min()) - margin, 0), min(int(ys.max()) + margin + 1, mask.shape[0])
-    left, right = max(int(xs.min()) - margin, 0), min(int(xs.max()) + margin + 1, mask.shape[1])
+    top, bottom = int(ys.min()) - margin, int(ys.max()) + margin + 1
+    left, right = int(xs.min()) - margin, int(xs.max()) + margin + 1
     return DefectSource(image[:, top:bottom, left:right].contiguous(),
                         mask[top:bottom, left:right].contiguous(), name)
 
@@ -394,6 +399,11 @@ class AnomalySynthesizer:
         inner = ~(F.max_pool2d((~coverage).float(), 3, 1, 1) > 0)
         regions = grown & inner
         masks = warped_mask & regions
+        lost = (~masks.flatten(1).any(1)).nonzero()[:, 0].tolist()
+        if lost:  # never hand back an unchanged image labelled as anomalous
+            names = [self.sources[draws[b]["index"]].name for b in lost]
+            raise ValueError(f"the defects {names} left no pixel inside their blending region; "
+                             "give them a larger margin (defect_source(margin=...))")
         source = torch.where(coverage, warped_image, images)
         if self.blend == "poisson":
             blended = poisson_blend(images, source, regions, guidance=self.guidance,

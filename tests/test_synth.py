@@ -172,3 +172,14 @@ def test_bad_inputs_raise_clear_errors() -> None:
         synth(targets(), foreground=empty_region)
     with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
         synth(targets()[0])
+
+
+def test_defect_touching_its_source_border_is_still_pasted() -> None:
+    # A one-pixel defect in the corner of its source used to vanish (empty mask, unchanged image).
+    image = torch.rand(3, 3, 3, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(3, 3, dtype=torch.bool)
+    mask[0, 0] = True
+    source = defect_source(image, mask, "corner")
+    assert source.mask.shape[0] > 3 and source.mask.shape[1] > 3  # padded to keep a margin
+    out = AnomalySynthesizer([source], seed=0)(torch.rand(4, 3, 32, 32))
+    assert bool(out.masks.flatten(1).any(1).all())
