@@ -149,7 +149,8 @@ def _git_commit() -> str:
     try:
         out = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
                              text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+        # The package's own files decide: an edited or not-yet-committed module makes it dirty.
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--", "adcore"],
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return out + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
