@@ -29,7 +29,8 @@ def _args(tmp_path: Path, **kw) -> ReproArgs:
                         **kw})
 
 
-def test_mvtec_defaults_are_the_papers(tmp_path):
+def test_mvtec_defaults_are_the_papers(tmp_path, monkeypatch):
+    monkeypatch.delenv("ADCORE_FAST", raising=False)  # `make test` sets it; defaults are asked here
     s = runner.resolve_settings(_args(tmp_path, dataset="mvtec"))
     m, t = s["model"], s["train"]
     assert (m.image_size, m.n_down, m.latent_size) == (256, 3, 32)
@@ -45,6 +46,7 @@ def test_mvtec_defaults_are_the_papers(tmp_path):
 
 
 def test_fast_mode_and_cli_overrides(tmp_path, monkeypatch):
+    monkeypatch.delenv("ADCORE_FAST", raising=False)
     fast = runner.resolve_settings(_args(tmp_path, fast=True))
     standard = runner.resolve_settings(_args(tmp_path))
     assert fast["fast"] and fast["model"].image_size < standard["model"].image_size

@@ -1,0 +1,204 @@
+"""Coupling flows: positional encoding, equivalence with FrEIA's AllInOneBlock, inversion, gradients."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from adcore.flows import (
+    ConditionalAffineCoupling,
+    ConditionalFlow,
+    positional_encoding_2d,
+    random_rotation,
+)
+
+Ff = pytest.importorskip("FrEIA.framework")
+Fm = pytest.importorskip("FrEIA.modules")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Two threads on a shared, busy CPU stall at every barrier; these tensors are tiny.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _subnet_fc(dims_in: int, dims_out: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(dims_in, 2 * dims_in), nn.ReLU(), nn.Linear(2 * dims_in, dims_out))
+
+
+def _freia_flow(channels: int, condition: int, blocks: int) -> nn.Module:
+    """CFlow-AD's ``cflow_head``."""
+    coder = Ff.SequenceINN(channels)
+    for _ in range(blocks):
+        coder.append(Fm.AllInOneBlock, cond=0, cond_shape=(condition,), subnet_constructor=_subnet_fc,
+                     affine_clamping=1.9, global_affine_type="SOFTPLUS", permute_soft=True)
+    return coder
+
+
+def _perturb(module: nn.Module, scale: float, seed: int = 0) -> None:
+    """Move trainable weights away from their initial values (a trained-like state)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn(p.shape, generator=generator))
+
+
+# ------------------------------------------------------------------ positional encoding
+def test_positional_encoding_matches_cflow_formula() -> None:
+    channels, height, width = 16, 5, 7
+    enc = positional_encoding_2d(channels, height, width)
+    assert enc.shape == (channels, height, width)
+    half = channels // 2
+    for k in range(half // 2):
+        w = math.exp(-(2 * k) * math.log(1e4) / half)
+        for y, x in [(0, 0), (2, 3), (4, 6)]:
+            assert enc[2 * k, y, x].item() == pytest.approx(math.sin(x * w), abs=1e-6)
+            assert enc[2 * k + 1, y, x].item() == pytest.approx(math.cos(x * w), abs=1e-6)
+            assert enc[half + 2 * k, y, x].item() == pytest.approx(math.sin(y * w), abs=1e-6)
+            assert enc[half + 2 * k + 1, y, x].item() == pytest.approx(math.cos(y * w), abs=1e-6)
+    # first half depends on the column only, second half on the row only
+    assert torch.equal(enc[:half], enc[:half, :1].expand(-1, height, -1))
+    assert torch.equal(enc[half:], enc[half:, :, :1].expand(-1, -1, width))
+
+
+@pytest.mark.parametrize("channels", [0, 6, 130])
+def test_positional_encoding_rejects_channels(channels: int) -> None:
+    with pytest.raises(ValueError, match="multiple of 4"):
+        positional_encoding_2d(channels, 4, 4)
+
+
+def test_random_rotation_is_special_orthogonal() -> None:
+    rotation = random_rotation(9, torch.Generator().manual_seed(3)).double()
+    assert torch.allclose(rotation @ rotation.T, torch.eye(9, dtype=torch.float64), atol=1e-6)
+    assert torch.linalg.det(rotation).item() == pytest.approx(1.0, abs=1e-5)
+
+
+# ------------------------------------------------------------------ FrEIA equivalence
+@pytest.mark.parametrize("channels", [7, 40])
+@pytest.mark.parametrize("fused", [False, True])
+def test_stack_equals_freia_with_identical_weights(channels: int, fused: bool) -> None:
+    torch.manual_seed(0)
+    condition = 16
+    reference = _freia_flow(channels, condition, 8)
+    _perturb(reference, 0.05)
+    ours = ConditionalFlow(channels, condition, 8, fused=fused)
+    ours.load_state_dict(ConditionalFlow.state_dict_from_freia(reference.state_dict()))
+    x = 2 * torch.randn(64, channels)
+    c = positional_encoding_2d(condition, 8, 8).flatten(1).T
+    z_ref, log_det_ref = reference(x, [c])
+    z, log_det = ours(x, c)
+    assert torch.allclose(z, z_ref, atol=1e-5, rtol=0)
+    assert torch.allclose(log_det, log_det_ref, atol=1e-5, rtol=0)
+    assert log_det.std() > 0.1  # a non-trivial Jacobian was compared
+
+
+def test_single_block_equals_freia_and_keeps_names() -> None:
+    torch.manual_seed(1)
+    reference = Fm.AllInOneBlock([(6,)], dims_c=[(4,)], subnet_constructor=_subnet_fc,
+                                 affine_clamping=1.9, global_affine_type="SOFTPLUS",
+                                 permute_soft=True)
+    _perturb(reference, 0.1)
+    block = ConditionalAffineCoupling(6, 4, 1.9)
+    block.load_state_dict(dict(reference.state_dict()))  # same names, same shapes
+    x, c = torch.randn(10, 6), torch.randn(10, 4)
+    (y_ref,), j_ref = reference([x], c=[c])
+    y, j = block(x, c)
+    assert torch.allclose(y, y_ref, atol=1e-6) and torch.allclose(j, j_ref, atol=1e-6)
+    # the initial global scale is 1, as FrEIA's global_affine_init=1
+    assert torch.allclose(ConditionalAffineCoupling(6, 4).global_scale_value(), torch.ones(1, 6))
+
+
+# ------------------------------------------------------------------ inversion
+@pytest.mark.parametrize("condition", [0, 12])
+def test_inverse_recovers_input_and_negates_log_det(condition: int) -> None:
+    torch.manual_seed(2)
+    flow = ConditionalFlow(9, condition, 8)
+    _perturb(flow, 0.05)
+    x = torch.randn(32, 9)
+    c = torch.randn(32, condition) if condition else None
+    z, log_det = flow(x, c)
+    x_back, log_det_reverse = flow.reverse(z, c)
+    assert torch.allclose(x_back, x, atol=1e-4)
+    assert torch.allclose(log_det_reverse, -log_det, atol=1e-4)
+    assert not torch.allclose(z, x, atol=1e-2)
+
+
+def test_log_det_is_the_log_volume_change() -> None:
+    """log|det J| from the flow equals the log-determinant of its autograd Jacobian."""
+    torch.manual_seed(4)
+    flow = ConditionalFlow(4, 8, 3).double()
+    _perturb(flow, 0.2)
+    x, c = torch.randn(1, 4, dtype=torch.float64), torch.randn(1, 8, dtype=torch.float64)
+    jacobian = torch.autograd.functional.jacobian(lambda v: flow(v, c)[0], x)[0, :, 0, :]
+    _, log_det = flow(x, c)
+    # exact up to the float32 rounding of the stored rotations (|det R| = 1 +- 1e-7)
+    assert log_det.item() == pytest.approx(torch.linalg.slogdet(jacobian)[1].item(), abs=1e-6)
+    assert abs(log_det.item()) > 1e-3
+
+
+# ------------------------------------------------------------------ fused backward
+def test_fused_gradients_match_autograd_of_the_blocks() -> None:
+    torch.manual_seed(5)
+    flow = ConditionalFlow(5, 6, 3).double()
+    _perturb(flow, 0.1)
+    x = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(11, 6, dtype=torch.float64)
+    weights = torch.arange(11, dtype=torch.float64)
+    params = flow.fused_parameters()
+    grads = {}
+    for fused in (False, True):
+        flow.fused = fused
+        z, log_det = flow(x, c)
+        loss = (z ** 3).sum() + (weights * log_det).sum()
+        grads[fused] = torch.autograd.grad(loss, [x, *params])
+    for g_fused, g_plain in zip(grads[True], grads[False]):
+        assert torch.allclose(g_fused, g_plain, atol=1e-10, rtol=1e-8)
+    flow.fused = True
+    assert torch.autograd.gradcheck(lambda v, *p: flow(v, c), (x, *params))
+
+
+def test_fused_without_input_gradient_matches() -> None:
+    torch.manual_seed(6)
+    flow = ConditionalFlow(8, 4, 2)
+    x, c = torch.randn(20, 8), torch.randn(20, 4)
+    losses = []
+    for fused in (False, True):
+        flow.fused = fused
+        flow.zero_grad()
+        z, log_det = flow(x, c)
+        (0.5 * z.square().sum() - log_det.sum()).backward()
+        losses.append([p.grad.clone() for p in flow.fused_parameters()])
+    for a, b in zip(*losses):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+# ------------------------------------------------------------------ bad input
+def test_flow_rejects_wrong_shapes() -> None:
+    flow = ConditionalFlow(6, 4, 1)
+    with pytest.raises(ValueError, match=r"fibers must be \(N, 6\)"):
+        flow(torch.randn(3, 5), torch.randn(3, 4))
+    with pytest.raises(ValueError, match=r"condition must be \(3, 4\)"):
+        flow(torch.randn(3, 6), torch.randn(3, 5))
+    with pytest.raises(ValueError, match="condition must be"):
+        flow(torch.randn(3, 6))
+
+
+def test_constructor_rejects_bad_settings() -> None:
+    with pytest.raises(ValueError, match="at least 2 channels"):
+        ConditionalAffineCoupling(1)
+    with pytest.raises(ValueError, match="clamp"):
+        ConditionalAffineCoupling(4, clamp=0.0)
+    with pytest.raises(ValueError, match="at least one block"):
+        ConditionalFlow(4, n_blocks=0)
+
+
+def test_freia_state_dict_rejects_foreign_keys() -> None:
+    with pytest.raises(KeyError, match="module_list"):
+        ConditionalFlow.state_dict_from_freia({"blocks.0.global_scale": torch.zeros(1, 4)})

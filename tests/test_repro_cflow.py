@@ -1,0 +1,88 @@
+"""The CFlow-AD runner: the result-file contract on a tiny synthetic run, tables, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import adcore.repro.cflow as repro_cflow
+from adcore.repro.common import METRIC_KEYS, ReproArgs, run_method
+
+TINY = {"image_size": 64, "epochs": 2, "batch_size": 4, "fiber_batch": 16,
+        "n_train": 8, "n_test": 8}
+
+
+@pytest.fixture(autouse=True)
+def _tiny_fast_preset(monkeypatch):
+    monkeypatch.setattr(repro_cflow, "FAST", TINY)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_fast_synthetic_run_writes_the_contract(tmp_path) -> None:
+    out = tmp_path / "cflow.json"
+    run_method(ReproArgs(method="cflow", dataset="synthetic", out=out, fast=True, device="cpu"))
+    result = json.loads(out.read_text())
+    assert set(result["metrics"]) == set(METRIC_KEYS)
+    assert result["metrics"]["pixel_auroc"] > 0.6  # clearly above chance, even this small
+    assert set(result["variants"]) == {"sum", "test_max", "cflow_ad"}
+    config = result["config"]
+    assert config["backbone"] == "tf_efficientnet_lite0" and config["fast"] is True
+    assert config["model"]["image_size"] == 64 and config["train"]["fiber_batch"] == 16
+    assert config["n_train"] == 8 and config["n_test"] == 8
+    steps = config["measured"]["optimizer_steps_per_stage"]
+    assert steps == [2 * 2 * 16, 2 * 2 * 4, 2 * 2 * 1]  # epochs x batches x (E // N)
+    for key in ("version", "git_commit", "device", "torch", "date", "train_seconds"):
+        assert key in result["provenance"]
+    with pytest.raises(FileExistsError):
+        run_method(ReproArgs(method="cflow", dataset="synthetic", out=out, fast=True))
+
+
+def test_runner_rejects_other_datasets(tmp_path) -> None:
+    with pytest.raises(ValueError, match="cflow runs on synthetic, mvtec or cracks"):
+        repro_cflow.run(ReproArgs(method="cflow", dataset="ucsd-ped1", out=tmp_path / "x.json",
+                                  fast=True, device="cpu"))
+
+
+def test_runner_rejects_an_image_size_lite0_cannot_pool(tmp_path) -> None:
+    with pytest.raises(ValueError, match="multiple of 32"):
+        repro_cflow.run(ReproArgs(method="cflow", dataset="synthetic", out=tmp_path / "x.json",
+                                  fast=True, device="cpu", image_size=80))
+
+
+def test_requested_backbone_is_used_as_is() -> None:
+    assert repro_cflow.choose_backbone("wide_resnet50_2", fast=False) == (
+        "wide_resnet50_2", "requested")
+    assert repro_cflow.choose_backbone(None, fast=True)[0] == "tf_efficientnet_lite0"
+
+
+def test_tables_skip_what_is_absent(tmp_path, capsys, monkeypatch) -> None:
+    calls = []
+
+    def fake_run_method(args: ReproArgs):
+        calls.append(args)
+        return args.out
+
+    import adcore.repro.common as common
+
+    monkeypatch.setattr(repro_cflow, "run_method", fake_run_method)
+    monkeypatch.setattr(common, "run_method", fake_run_method)  # Table 1 runs go through it
+    (tmp_path / "no_cracks").mkdir()
+    monkeypatch.setenv("ADCORE_CRACKS", str(tmp_path / "no_cracks"))
+    written = repro_cflow.run_tables(tmp_path / "results", tmp_path / "no_mvtec", "cpu", True)
+    printed = capsys.readouterr().out
+    assert "skip: MVTec AD tile not found" in printed and "Lingo (private)" in printed
+    assert "skip: no crack data" in printed
+    assert [a.dataset for a in calls] == ["synthetic"]
+    assert written == [tmp_path / "results" / "cflow_synthetic_concrete_fast.json"]
+    assert not calls[0].force and calls[0].fast and calls[0].root is None
+    # An existing result is kept, not measured again.
+    calls.clear()
+    (tmp_path / "results").mkdir()
+    written[0].write_text("{}")
+    assert repro_cflow.run_tables(tmp_path / "results", tmp_path / "no_mvtec", "cpu", True) == []
+    assert calls == [] and "keep:" in capsys.readouterr().out
