@@ -1,0 +1,408 @@
+"""Data, synthetic anomalies and objective of the contrastive CFlow-AD runs (the paper's Table 1).
+
+``python -m adcore repro cflow --loss L --dataset D`` reproduces one cell of Table 1 of the
+civil-engineering paper (``papers/003_42214b256818ce82.txt``): CFlow-AD trained with L_None,
+L_boundary, L_CL, L_Likelihood or L_fusion (Sec. 2.3), with one Poisson-blended synthetic
+anomaly per training image (Sec. 2.2). The CFlow-AD runner (:mod:`adcore.repro.cflow`) calls
+:func:`prepare` whenever ``--loss`` is not ``none`` or the data set is ``cracks``; this module
+decides what the paper decides:
+
+- ``cracks`` (the paper's Crack500 column): the 3x3 sub-image protocol of
+  :mod:`adcore.data.cracks` on a target set -- ``crack500`` when present (the paper's split,
+  150 / 100 images), else the public stand-in CrackForest (``cfd``, 70 / 48 images) -- with
+  real cracks from the DeepCrack subset pasted into the healthy training crops, as the paper
+  pastes DeepCrack into Crack500;
+- ``mvtec`` (the Tile column): MVTec AD ``tile`` (or ``--category``) with the defects of the
+  ``wood`` test images as sources, as the paper does;
+- ``synthetic``: the book's embedded data set, with the embedded generator's defects (drawn
+  with another seed than the test set's) as sources.
+
+Schedule (Sec. 3.2): 256x256 images, 200 epochs of batch 8, lr 2e-4 divided by 10 after
+epochs 50, 75 and 90, contrastive terms from epoch 8 on, EfficientNet-B6 when its weights
+are available (else the offline ``tf_efficientnet_lite0``, recorded in the result file).
+Image size, epochs, batch and fiber batch are the CFlow-AD runner's (:mod:`adcore.repro.cflow`),
+so the runs with and without a contrastive term differ only by it. ``--fast`` is a CI-sized
+run: the runner's (128x128, 4 epochs) with the terms from epoch 1 and a few images.
+Chapter 9 (``book/09_cflow_table``) shows the result files next to the paper's table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from adcore.repro.common import ReproArgs, load_datasets
+from adcore.runtime import fast_mode
+from adcore.train.contrastive import (
+    CONTRASTIVE_START_EPOCH,
+    SyntheticAnomalyAugment,
+    make_contrastive,
+    paper_train_config,
+)
+
+__all__ = [
+    "DATASETS",
+    "LOSSES",
+    "MVTEC_SOURCE_CATEGORY",
+    "PAPER_TABLE1",
+    "PRIVATE_COLUMNS",
+    "TABLE1_COLUMNS",
+    "prepare",
+    "resolve_settings",
+    "result_name",
+    "results_table",
+    "run_table1",
+]
+
+DATASETS: tuple[str, ...] = ("cracks", "mvtec", "synthetic")
+LOSSES: tuple[str, ...] = ("none", "boundary", "cl", "likelihood", "fusion")
+#: the MVTec AD category whose defects are pasted into the target (the paper: wood into tile)
+MVTEC_SOURCE_CATEGORY = "wood"
+#: the crack set the real defects come from
+CRACK_SOURCE = "deepcrack"
+
+#: what the contrastive runs add to the CFlow-AD runner's presets (:data:`adcore.repro.cflow.
+#: STANDARD` / ``FAST``: image size, epochs, batch, fiber batch, synthetic set sizes), so that a
+#: run with ``--loss none`` and one with a contrastive term see the same data and schedule.
+_STANDARD: dict[str, Any] = {
+    "start_epoch": CONTRASTIVE_START_EPOCH,
+    "cracks": {"n_train_images": None, "n_test_images": None, "n_sources": None},
+    "synthetic": {"n_sources": 32},
+    "mvtec": {"n_sources": None},
+}
+#: ``--fast``: the contrastive terms from the second epoch on, a few crack images (10 for
+#: training: 49 healthy crops; 6 for testing: 54 crops) and sources.
+_FAST: dict[str, Any] = {
+    "start_epoch": 1,
+    "cracks": {"n_train_images": 10, "n_test_images": 6, "n_sources": 12},
+    "synthetic": {"n_sources": 8},
+    "mvtec": {"n_sources": 16},
+}
+#: DeepCrack's cracks are about twice as wide, in pixels, as CrackForest's at their native
+#: sizes, and a CrackForest sub-image is about 160 pixels wide: reading the sources at
+#: S / 400 pastes cracks of the width of the real ones into S x S crops.
+_CRACK_SOURCE_SCALE_PER_PIXEL = 1.0 / 400.0
+
+
+def resolve_settings(args: ReproArgs, image_size: int | None = None) -> dict[str, Any]:
+    """Every setting of a contrastive run: the paper's (or ``--fast``'s), then the CLI's.
+
+    Args:
+        args: the runner's arguments.
+        image_size: the size the runner decided, if any (overrides the preset and
+            ``--image-size``).
+
+    Returns:
+        ``image_size``, ``epochs``, ``batch_size``, ``fiber_batch``, ``start_epoch``,
+        ``data`` (per data set sizes) and ``fast``.
+
+    Raises:
+        ValueError: an unknown data set or loss, or too few epochs for the contrastive terms.
+    """
+    if args.dataset not in DATASETS:
+        raise ValueError(f"contrastive CFlow-AD runs have no data set {args.dataset!r}; expected "
+                         f"one of {', '.join(DATASETS)}")
+    if args.loss not in LOSSES:
+        raise ValueError(f"--loss {args.loss!r}: expected one of {', '.join(LOSSES)}")
+    from adcore.repro import cflow
+
+    fast = bool(args.fast or fast_mode())
+    runner = cflow.FAST if fast else cflow.STANDARD
+    preset = _FAST if fast else _STANDARD
+    size = image_size or args.image_size or runner["image_size"]
+    epochs = args.epochs if args.epochs is not None else runner["epochs"]
+    start = preset["start_epoch"]
+    if args.loss != "none" and epochs <= start:
+        raise ValueError(f"--epochs {epochs} leaves no epoch for the contrastive term, which "
+                         f"starts after {start} epoch(s) of L_NF alone (the paper: 8 of 200); "
+                         f"use more than {start} epochs")
+    data = dict(preset[args.dataset])
+    if args.dataset == "synthetic":
+        data.update(n_train=runner["n_train"], n_test=runner["n_test"])
+    return {"image_size": int(size), "epochs": int(epochs), "batch_size": runner["batch_size"],
+            "fiber_batch": runner["fiber_batch"], "start_epoch": start, "data": data,
+            "fast": fast}
+
+
+def _crack_data(args: ReproArgs, size: int, data: dict[str, Any]) -> tuple[Any, Any, Callable[[], list], dict]:
+    from adcore.data.cracks import CRACK_SPLITS, crack_datasets, crack_root
+    from adcore.synth import crack_sources
+
+    root = Path(args.root) if args.root is not None else crack_root()
+    if root is None:
+        raise FileNotFoundError(
+            "no crack data: --dataset cracks reads CrackForest (cfd/) and DeepCrack "
+            "(deepcrack/) from ../shared/data or $ADCORE_CRACKS (or --root); see "
+            "adcore.data.cracks")
+    target = args.category or ("crack500" if (root / "crack500").is_dir() else "cfd")
+    if target == CRACK_SOURCE:
+        raise ValueError(f"--category {target}: the DeepCrack subset is the source of the "
+                         "pasted cracks; choose the target set cfd or crack500")
+    if target not in CRACK_SPLITS:
+        raise ValueError(f"--category {target!r}: expected a crack set among "
+                         f"{', '.join(k for k in CRACK_SPLITS if k != CRACK_SOURCE)}")
+    train, test = crack_datasets(target, root, image_size=size,
+                                 n_train_images=data["n_train_images"],
+                                 n_test_images=data["n_test_images"])
+    scale = size * _CRACK_SOURCE_SCALE_PER_PIXEL
+
+    def sources() -> list:
+        return crack_sources(CRACK_SOURCE, root, scale=scale, limit=data["n_sources"])
+
+    protocol = train.protocol
+    # an explicit --root is part of the command; the default location is machine-specific
+    info = {"target": target, "root": str(args.root) if args.root is not None else None,
+            "source": CRACK_SOURCE,
+            "source_scale": round(scale, 4), "grid": protocol.grid,
+            "n_train_images": protocol.n_train_images, "n_test_images": protocol.n_test_images,
+            **protocol.counts()}
+    return train, test, sources, info
+
+
+def _mvtec_data(args: ReproArgs, size: int, data: dict[str, Any],
+                datasets: tuple[Any, Any] | None) -> tuple[Any, Any, Callable[[], list], dict]:
+    from adcore.data import MVTecAD, data_root
+    from adcore.synth import sources_from_dataset
+
+    category = args.category or "tile"
+    train, test = datasets or load_datasets(replace(args, category=category), size)
+    root = Path(args.root) if args.root is not None else data_root() / "mvtec_anomaly_detection"
+
+    def sources() -> list:
+        if not (root / MVTEC_SOURCE_CATEGORY).is_dir():
+            raise FileNotFoundError(f"the paper pastes MVTec AD {MVTEC_SOURCE_CATEGORY} defects "
+                                    f"into {category}; no {root / MVTEC_SOURCE_CATEGORY} folder")
+        wood = MVTecAD(root, MVTEC_SOURCE_CATEGORY, "test", size)
+        return sources_from_dataset(wood, limit=data["n_sources"])
+
+    info = {"target": category, "root": str(args.root) if args.root is not None else None,
+            "source": f"mvtec/{MVTEC_SOURCE_CATEGORY}"}
+    return train, test, sources, info
+
+
+def _synthetic_data(args: ReproArgs, size: int, data: dict[str, Any],
+                    datasets: tuple[Any, Any] | None) -> tuple[Any, Any, Callable[[], list], dict]:
+    from adcore.synth import synthetic_sources
+
+    category = args.category or "concrete"
+    train, test = datasets or load_datasets(replace(args, category=category), size,
+                                            n_train=data["n_train"], n_test=data["n_test"])
+    # another seed than the data set's, so no pasted defect is one of the test set's
+    source_seed = args.seed + 7919
+
+    def sources() -> list:
+        return synthetic_sources(category, count=data["n_sources"], image_size=size,
+                                 seed=source_seed)
+
+    info = {"target": category, "source": f"synthetic/{category}", "source_seed": source_seed}
+    return train, test, sources, info
+
+
+def prepare(args: ReproArgs, *, image_size: int | None = None,
+            datasets: tuple[Any, Any] | None = None) -> dict[str, Any]:
+    """Everything a contrastive CFlow-AD run needs besides the model and the evaluation.
+
+    Args:
+        args: the runner's arguments (``--dataset``, ``--loss``, ``--category``, ``--root``,
+            ``--image-size``, ``--epochs``, ``--backbone``, ``--seed``, ``--fast``).
+        image_size: the image size the runner uses, if it decided one (else the paper's 256,
+            or 128 with ``--fast``); the datasets are built at this size.
+        datasets: ``(train, test)`` the runner already loaded (``synthetic`` and ``mvtec``),
+            so that runs with and without a contrastive term see the same images; the crack
+            protocol is always built here.
+
+    Returns:
+        A dict with
+
+        - ``train``, ``test``: the datasets (items ``image``, ``mask``, ``label``, ...);
+        - ``augment``: a :class:`~adcore.train.contrastive.SyntheticAnomalyAugment`, or None
+          for ``--loss none``;
+        - ``contrastive``: the :class:`~adcore.train.contrastive.ContrastiveObjective`, or
+          None for ``--loss none``;
+        - ``contrastive_start_epoch``: the epoch the terms start at;
+        - ``image_size``, ``backbone``: what the model must be built with;
+        - ``train_config``: the :class:`~adcore.train.cflow.CFlowTrainConfig` of the run
+          (the paper's schedule, ``--epochs``, ``--seed``);
+        - ``config``: plain JSON entries for the result file's configuration.
+
+    Raises:
+        ValueError: an unknown data set, loss or category, too few epochs.
+        FileNotFoundError: the data (or the defect sources) are missing; the message names
+            what was expected.
+    """
+    settings = resolve_settings(args, image_size)
+    size, data = settings["image_size"], settings["data"]
+    if args.dataset == "cracks":
+        train, test, sources, info = _crack_data(args, size, data)
+    elif args.dataset == "mvtec":
+        train, test, sources, info = _mvtec_data(args, size, data, datasets)
+    else:
+        train, test, sources, info = _synthetic_data(args, size, data, datasets)
+
+    from adcore.repro.cflow import choose_backbone
+
+    backbone, why = choose_backbone(args.backbone, settings["fast"])
+    train_config = paper_train_config(epochs=settings["epochs"],
+                                      batch_size=min(settings["batch_size"], len(train)),
+                                      fiber_batch=settings["fiber_batch"], seed=args.seed)
+    contrastive = make_contrastive(args.loss, flow_loss=train_config.flow_loss)
+    augmentation: dict[str, Any] | None = None
+    augment = None
+    if contrastive is not None:
+        options = {"window": size // 2, "scale": (0.75, 1.25), "rotation": 180.0, "flip": 0.5,
+                   "blend": "poisson", "guidance": "source"}
+        defects = sources()
+        augment = SyntheticAnomalyAugment.from_sources(defects, seed=args.seed, **options)
+        augmentation = {**options, "scale": list(options["scale"]), "n_sources": len(defects),
+                        "per_image": 1}
+    start = settings["start_epoch"] if contrastive is not None else 0
+    config = {
+        "loss": args.loss,
+        "contrastive": contrastive.to_dict() if contrastive is not None else None,
+        "contrastive_start_epoch": start,
+        "augmentation": augmentation,
+        "data": {**info, "image_size": size, "n_train": len(train), "n_test": len(test)},
+        "backbone": backbone,
+        "backbone_choice": why,
+        "fast": settings["fast"],
+    }
+    return {"train": train, "test": test, "augment": augment, "contrastive": contrastive,
+            "contrastive_start_epoch": start, "image_size": size, "backbone": backbone,
+            "train_config": train_config, "config": config}
+
+
+# --------------------------------------------------------------------------- Table 1
+#: the columns of the paper's Table 1 and the data set each is measured on here
+TABLE1_COLUMNS: dict[str, str] = {"tile": "MVTec AD tile", "crack500": "Crack500",
+                                  "rdg": "RDG", "lingo": "Lingo"}
+#: the paper's bridge data sets are not public: their cells can never be measured here
+PRIVATE_COLUMNS: tuple[str, ...] = ("rdg", "lingo")
+#: Table 1 of the paper: loss -> column -> (pixel AUROC, pixel AUPRO), in %
+PAPER_TABLE1: dict[str, dict[str, tuple[float, float]]] = {
+    loss: dict(zip(TABLE1_COLUMNS, cells))
+    for loss, cells in {
+        "none": ((96.48, 91.39), (94.65, 73.68), (91.56, 76.96), (93.56, 78.24)),
+        "boundary": ((97.74, 94.47), (95.30, 76.54), (92.03, 78.58), (93.33, 77.36)),
+        "cl": ((96.3, 90.47), (94.42, 71.60), (90.98, 75.03), (93.53, 78.00)),
+        "likelihood": ((97.48, 93.89), (95.16, 75.79), (91.41, 77.59), (93.55, 78.22)),
+        "fusion": ((97.76, 94.53), (95.23, 76.62), (91.81, 78.31), (93.25, 77.21)),
+    }.items()
+}
+
+
+def result_name(dataset: str, target: str, loss: str, fast: bool) -> str:
+    """The file name of one contrastive run: ``cflow_<dataset>_<target>_<loss>[_fast].json``."""
+    return f"cflow_{dataset}_{target}_{loss}{'_fast' if fast else ''}.json"
+
+
+def _column_of(result: dict[str, Any]) -> tuple[str | None, str | None]:
+    """(Table 1 column, the data actually used) of a CFlow-AD result file, or (None, None)."""
+    config = result.get("config", {})
+    dataset = config.get("dataset")
+    setup = config.get("contrastive_setup") or {}
+    target = (setup.get("data") or {}).get("target") or config.get("category")
+    if dataset == "mvtec" and target == "tile":
+        return "tile", "MVTec AD tile"
+    if dataset == "cracks":
+        return "crack500", ("Crack500" if target == "crack500"
+                            else f"{target} (stand-in), DeepCrack defects")
+    return None, None
+
+
+def results_table(results_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of the paper's Table 1 next to the runs measured in ``results_dir``.
+
+    Measured cells come only from CFlow-AD result files (``cflow_*.json``) whose
+    configuration names the data set and loss; a cell without one is None ("not run"). When
+    several files fill a cell, a standard run beats a ``--fast`` one and, among equals, the
+    most recent wins. The paper's values live in their own key and never fill a measured cell.
+
+    Args:
+        results_dir: the folder of result files (``book/results``).
+
+    Returns:
+        One dict per loss: ``loss``, ``paper`` (column -> (pixel AUROC, pixel AUPRO) in %),
+        ``measured`` (column -> None or a dict with ``pixel_auroc``, ``pixel_aupro`` in %,
+        ``data``, ``fast``, ``file`` and ``provenance``: device, date, git commit).
+
+    Raises:
+        ValueError: a ``cflow_*.json`` file that is not a runner result (named).
+    """
+    import json
+
+    best: dict[tuple[str, str], dict[str, Any]] = {}
+    for path in sorted(Path(results_dir).glob("cflow_*.json")):
+        try:
+            result = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from err
+        if not isinstance(result, dict) or "metrics" not in result or "provenance" not in result:
+            raise ValueError(f"{path} is not a runner result (expected 'metrics' and "
+                             "'provenance')")
+        column, data = _column_of(result)
+        loss = result.get("config", {}).get("loss", "none")
+        if column is None or loss not in PAPER_TABLE1:
+            continue
+        provenance = result["provenance"]
+        cell = {"pixel_auroc": 100 * float(result["metrics"]["pixel_auroc"]),
+                "pixel_aupro": 100 * float(result["metrics"]["pixel_aupro"]),
+                "data": data, "fast": bool(result["config"].get("fast")), "file": path.name,
+                "provenance": {k: provenance.get(k) for k in ("device", "date", "git_commit")}}
+        rank = (not cell["fast"], str(provenance.get("date", "")))
+        current = best.get((loss, column))
+        if current is None or rank > (not current["fast"], str(current["provenance"]["date"])):
+            best[(loss, column)] = cell
+    return [{"loss": loss, "paper": dict(paper),
+             "measured": {column: best.get((loss, column)) for column in TABLE1_COLUMNS}}
+            for loss, paper in PAPER_TABLE1.items()]
+
+
+def run_table1(results_dir: str | Path, root: str | Path | None = None,
+               device: str | None = None, fast: bool = False) -> list[Path]:
+    """Run the five losses of Table 1 on the crack data (and MVTec AD tile) when present.
+
+    Writes ``cflow_<dataset>_<target>_<loss>[_fast].json`` per run; prints a skip message for
+    each column whose data is absent (RDG and Lingo are private).
+
+    Args:
+        results_dir: where to write (``book/results``).
+        root: the MVTec AD folder (default: under the data root); crack data are found by
+            :func:`adcore.data.cracks.crack_root`.
+        device: ``cpu``, ``cuda`` ... (default: automatic).
+        fast: ``--fast`` runs.
+
+    Returns:
+        The files written.
+    """
+    from adcore.data import data_root
+    from adcore.data.cracks import crack_root
+    from adcore.repro.common import run_method
+
+    results_dir = Path(results_dir)
+    runs: list[tuple[str, str, Path | None]] = []
+    cracks = crack_root()
+    if cracks is not None and ((cracks / "crack500").is_dir() or (cracks / "cfd").is_dir()):
+        runs.append(("cracks", "crack500" if (cracks / "crack500").is_dir() else "cfd", None))
+    else:
+        print("skip: no crack data (../shared/data or $ADCORE_CRACKS)")
+    mvtec = Path(root) if root is not None else data_root() / "mvtec_anomaly_detection"
+    if (mvtec / "tile").is_dir() and (mvtec / MVTEC_SOURCE_CATEGORY).is_dir():
+        runs.append(("mvtec", "tile", mvtec))
+    else:
+        print(f"skip: MVTec AD tile and wood not found under {mvtec}")
+    for name in ("RDG", "Lingo"):
+        print(f"skip: {name} is private (the paper's own bridge data)")
+    written = []
+    for dataset, target, data in runs:
+        for loss in LOSSES:
+            out = results_dir / result_name(dataset, target, loss, fast)
+            if out.exists():  # a measured result is never replaced without being asked
+                print(f"keep: {out} exists (delete it to measure again)")
+                continue
+            args = ReproArgs(method="cflow", dataset=dataset, out=out, root=data,
+                             category=target, device=device, loss=loss, fast=fast)
+            written.append(run_method(args))
+            print(f"wrote {out}")
+    return written
