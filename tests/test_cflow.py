@@ -32,12 +32,6 @@ from adcore.train.loop import NonFiniteLossError
 SIZE = 64  # Lite0 stages: 8x8, 4x4, 2x2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _model(seed: int = 0, **overrides) -> CFlowModel:

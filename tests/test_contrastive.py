@@ -38,14 +38,6 @@ from adcore.train.contrastive import (
 KINDS = ("boundary", "cl", "likelihood", "fusion")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy machine each parallel region
-    waits for its slowest thread (measured: 0.5 s with one thread, 15 s with two)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _pair(n: int = 12, channels: int = 5, seed: int = 0, requires_grad: bool = False) -> FiberPair:

@@ -17,14 +17,6 @@ from adcore.features import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def extractor() -> FeatureExtractor:
     return FeatureExtractor("tf_efficientnet_lite0", image_size=64)

@@ -19,13 +19,6 @@ Ff = pytest.importorskip("FrEIA.framework")
 Fm = pytest.importorskip("FrEIA.modules")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two threads on a shared, busy CPU stall at every barrier; these tensors are tiny.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _subnet_fc(dims_in: int, dims_out: int) -> nn.Module:

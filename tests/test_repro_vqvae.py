@@ -8,20 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from adcore.__main__ import main
 from adcore.repro import vqvae as runner
 from adcore.repro.common import METRIC_KEYS, ReproArgs, run_method
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run faster on one thread, and a busy shared CPU does not stall them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _args(tmp_path: Path, **kw) -> ReproArgs:

@@ -35,13 +35,6 @@ def _images(n: int = 10, channels: int = 3) -> torch.Tensor:
     return (torch.rand(n, channels, 16, 16, generator=g) * 255).to(torch.uint8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run faster on one thread, and a busy shared CPU does not stall them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 CONFIG = VQVAETrainConfig(epochs=3, batch_size=4, lr=1e-3, images_per_epoch=12, augment=True,

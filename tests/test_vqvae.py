@@ -23,13 +23,6 @@ from adcore.vqvae import (
 TINY = dict(image_size=32, n_down=2, hidden_channels=16, embedding_dim=16, codebook_size=32)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run faster on one thread, and a busy shared CPU does not stall them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny(**kw) -> VQVAE:
