@@ -157,11 +157,21 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def _cpu_model() -> str:
+    try:  # Linux names the processor model here; elsewhere platform gives the architecture
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _device_name(device: str | torch.device) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return f"cpu ({_cpu_model()}, {os.cpu_count()} cores)"
 
 
 def provenance(device: str | torch.device, train_seconds: float, eval_seconds: float) -> dict[str, Any]:
