@@ -249,7 +249,7 @@ def test_gradient_of_the_mean_inside_the_mask_flows_to_the_boundary_only() -> No
 
 def test_padding_columns_are_inert() -> None:
     """The GPU path pads each item's columns to a bucketed width; the solution must not move."""
-    from adcore.poisson import _bucket, _conjugate_gradients, _MaskedSystem
+    from adcore.poisson.masked_cg import _bucket, _conjugate_gradients, _MaskedSystem
 
     assert [_bucket(n) for n in (1, 256, 257, 1000, 1024, 1025)] == [256, 256, 512, 1024, 1024,
                                                                       2048]
