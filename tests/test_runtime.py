@@ -10,8 +10,6 @@ import torch
 from adcore.runtime import atomic_path, default_device, fast_mode, seed_everything
 from adcore.train import (
     CheckpointMismatchError,
-    NonFiniteLossError,
-    check_finite,
     load_checkpoint,
     save_checkpoint,
 )
@@ -53,12 +51,6 @@ def test_atomic_path_keeps_old_file_on_failure(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == [target], "no temporary file is left behind"
     with pytest.raises(FileExistsError), atomic_path(target, overwrite=False):
         pass
-
-
-def test_check_finite_names_the_step() -> None:
-    check_finite(torch.tensor(1.0), step=3)
-    with pytest.raises(NonFiniteLossError, match="at step 7; lower the learning rate"):
-        check_finite(torch.tensor(float("nan")), step=7, hint="lower the learning rate")
 
 
 def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,

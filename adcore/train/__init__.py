@@ -7,8 +7,6 @@ on top (``adcore.train.vqvae``, ``adcore.train.cflow``). Models never import thi
 from adcore.train.loop import (
     CheckpointMismatchError,
     NonFiniteLossError,
-    autocast,
-    check_finite,
     load_checkpoint,
     progress,
     save_checkpoint,
@@ -17,8 +15,6 @@ from adcore.train.loop import (
 __all__ = [
     "CheckpointMismatchError",
     "NonFiniteLossError",
-    "autocast",
-    "check_finite",
     "load_checkpoint",
     "progress",
     "save_checkpoint",

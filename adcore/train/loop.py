@@ -1,5 +1,8 @@
-"""Generic training utilities: atomic checkpoints that refuse a foreign configuration,
-a finite-loss guard with a useful message, bf16 autocast on CUDA, and a progress bar.
+"""Generic training utilities: atomic checkpoints that refuse a foreign configuration, the
+error a loop raises on a non-finite loss, and a progress bar.
+
+Each method's loop checks finiteness on the device and reads the flag only every few steps
+(no host synchronisation per step), then raises :class:`NonFiniteLossError` naming the step.
 
 Resuming is exact when the training loop draws all its randomness from a
 ``torch.Generator`` whose state is stored in the checkpoint (``generator=``): a run that is
@@ -8,7 +11,6 @@ stopped and resumed then replays the same batches as an uninterrupted one.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -22,8 +24,6 @@ from adcore.runtime import atomic_torch_save
 __all__ = [
     "CheckpointMismatchError",
     "NonFiniteLossError",
-    "autocast",
-    "check_finite",
     "load_checkpoint",
     "progress",
     "save_checkpoint",
@@ -39,34 +39,6 @@ class NonFiniteLossError(FloatingPointError):
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint was written for another configuration; the message names the fields."""
-
-
-def check_finite(loss: torch.Tensor, step: int, *, what: str = "loss", hint: str = "") -> None:
-    """Raise :class:`NonFiniteLossError` if ``loss`` is not finite.
-
-    This reads the value on the host (a synchronisation on CUDA): loops call it every few
-    steps, not on every step.
-
-    Args:
-        loss: a scalar tensor (or any tensor: all entries are checked).
-        step: the optimizer step, quoted in the message.
-        what: the name of the quantity ("loss", "log-likelihood of stage 2", ...).
-        hint: a suggestion appended to the message.
-    """
-    if not bool(torch.isfinite(loss.detach()).all()):
-        value = loss.detach().flatten()[0].item() if loss.numel() else float("nan")
-        message = f"non-finite {what} ({value}) at step {step}"
-        if hint:
-            message += f"; {hint}"
-        raise NonFiniteLossError(message)
-
-
-def autocast(device: torch.device | str, enabled: bool = True) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (where the hardware supports it); a no-op context elsewhere."""
-    device = torch.device(device)
-    if enabled and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def progress(iterable: Iterable[T], *, desc: str = "", total: int | None = None,
