@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adcore.features import FeatureExtractor
-from adcore.flows import ConditionalFlow, positional_encoding_2d
+from adcore.flows import ConditionalFlow, GridCondition, positional_encoding_2d
 from adcore.losses import log_likelihood
 
 __all__ = [
@@ -210,6 +210,10 @@ class CFlowModel(nn.Module):
             # (H*W, P), rows in raster order: the condition of the fiber at position h*W + w.
             self.register_buffer(f"condition_{index}",
                                  encoding.flatten(1).T.contiguous(), persistent=False)
+            # The same encoding as its column and row tables (see GridCondition).
+            grid = GridCondition.from_encoding(encoding, torch.empty(0, dtype=torch.long))
+            self.register_buffer(f"columns_{index}", grid.columns, persistent=False)
+            self.register_buffer(f"rows_{index}", grid.rows, persistent=False)
         self.register_buffer("normalization", torch.full((len(self.channels),), float("nan")))
 
     @property
@@ -219,6 +223,15 @@ class CFlowModel(nn.Module):
     def condition(self, stage: int) -> Tensor:
         """(H_l * W_l, P) positional encodings of a stage, one row per position (raster order)."""
         return getattr(self, f"condition_{stage}")
+
+    def grid_condition(self, stage: int, positions: Tensor) -> GridCondition:
+        """The condition of fibers at raster ``positions`` (row * W + column, any image) of a
+        stage, in the separable form the fused flows compute cheaply. Positions are taken
+        modulo H*W unchecked (no host synchronisation, so it can run inside a CUDA graph)."""
+        width = self.stage_sizes[stage][1]
+        positions = positions % (self.stage_sizes[stage][0] * width)
+        return GridCondition(getattr(self, f"columns_{stage}"), getattr(self, f"rows_{stage}"),
+                             positions % width, positions // width)
 
     def train(self, mode: bool = True) -> CFlowModel:
         super().train(mode)
@@ -258,7 +271,8 @@ class CFlowModel(nn.Module):
                     f"({self.channels[stage]}, {self.stage_sizes[stage][0]}, "
                     f"{self.stage_sizes[stage][1]})")
             fibers = self.fibers(feature)
-            condition = self.condition(stage).repeat(batch, 1)
+            condition = self.grid_condition(
+                stage, torch.arange(fibers.shape[0], device=fibers.device))
             out = []
             for start in range(0, fibers.shape[0], chunk):
                 z, log_det = self.flows[stage](fibers[start:start + chunk],

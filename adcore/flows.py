@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,7 @@ from torch import Tensor, nn
 __all__ = [
     "ConditionalAffineCoupling",
     "ConditionalFlow",
+    "GridCondition",
     "positional_encoding_2d",
     "random_rotation",
 ]
@@ -183,32 +185,142 @@ class ConditionalAffineCoupling(nn.Module):
         return y, log_scale.sum(dim=1) + log_det_global
 
 
-def _fused_forward(x: Tensor, condition: Tensor, blocks: Sequence[ConditionalAffineCoupling],
-                   save: bool) -> tuple[Tensor, Tensor, list]:
-    """The stack's forward pass with few, large operations; returns what backward needs."""
+@dataclass(frozen=True)
+class GridCondition:
+    """The positional condition of N fibers on an H x W grid, kept in its separable form.
+
+    CFlow-AD's encoding (:func:`positional_encoding_2d`) is ``c = [e_x(column), e_y(row)]``:
+    its first half depends on the column only, its second half on the row only. The condition's
+    share of a subnet's first layer is then ``W_c c = W_x e_x(column) + W_y e_y(row)``: two
+    tables of W and H rows, computed once per step and looked up per fiber, instead of a
+    product with N rows. The function is the same as with the dense (N, P) condition that
+    :meth:`dense` returns; only the arithmetic is cheaper (for CFlow-AD's first stage, 32 + 32
+    table rows instead of 256 fibers). Flows accept either form.
+
+    Attributes:
+        columns: (W, P/2) encodings of the columns.
+        rows: (H, P/2) encodings of the rows.
+        column_index, row_index: (N,) int64, where each fiber lies.
+    """
+
+    columns: Tensor
+    rows: Tensor
+    column_index: Tensor
+    row_index: Tensor
+
+    @classmethod
+    def from_encoding(cls, encoding: Tensor, positions: Tensor) -> GridCondition:
+        """The condition of fibers at raster ``positions`` (row * W + column) of an encoding.
+
+        Args:
+            encoding: (P, H, W) separable encoding, e.g. from :func:`positional_encoding_2d`.
+            positions: (N,) integer positions in [0, H*W).
+
+        Raises:
+            ValueError: the encoding is not separable (first half varying with the row or
+                second half with the column), or a position lies outside the grid.
+        """
+        channels, height, width = encoding.shape
+        half = channels // 2
+        if channels % 2 or not (torch.equal(encoding[:half], encoding[:half, :1].expand_as(
+                encoding[:half])) and torch.equal(encoding[half:], encoding[half:, :, :1]
+                                                  .expand_as(encoding[half:]))):
+            raise ValueError("a grid condition needs a separable (P, H, W) encoding: the first "
+                             "P/2 channels constant along rows, the last P/2 along columns "
+                             "(as positional_encoding_2d builds it)")
+        positions = positions.long()
+        if positions.numel() and not (0 <= int(positions.min())
+                                      and int(positions.max()) < height * width):
+            raise ValueError(f"positions must lie in [0, {height * width}) for a {height}x{width}"
+                             f" grid; got {int(positions.min())}..{int(positions.max())}")
+        return cls(encoding[:half, 0, :].T.contiguous(), encoding[half:, :, 0].T.contiguous(),
+                   positions % width, positions // width)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(N, P), the shape of the dense condition."""
+        return (self.column_index.shape[0], 2 * self.columns.shape[1])
+
+    def dense(self) -> Tensor:
+        """The (N, P) condition, one row per fiber."""
+        return torch.cat([self.columns[self.column_index], self.rows[self.row_index]], dim=1)
+
+    def __getitem__(self, index: slice) -> GridCondition:
+        """The condition of a slice of the fibers."""
+        return GridCondition(self.columns, self.rows, self.column_index[index],
+                             self.row_index[index])
+
+    def repeat(self, times: int) -> GridCondition:
+        """The condition of the fibers repeated ``times`` times (e.g. real and augmented)."""
+        return GridCondition(self.columns, self.rows, self.column_index.repeat(times),
+                             self.row_index.repeat(times))
+
+
+Condition = Tensor | GridCondition
+
+
+def _condition_terms(condition: Condition, weights: Sequence[Tensor], biases: Sequence[Tensor],
+                     passive: int) -> Tensor:
+    """c W_c^T + b1 for every block at once: (N, K * hidden), block k in columns k*h..(k+1)*h."""
+    weight = torch.cat([w[:, passive:] for w in weights])  # (K*h, P)
+    bias = torch.cat(list(biases))  # (K*h,)
+    if isinstance(condition, GridCondition):
+        half = condition.columns.shape[1]
+        columns = torch.addmm(bias, condition.columns, weight[:, :half].t())  # (W, K*h)
+        rows = condition.rows @ weight[:, half:].t()  # (H, K*h)
+        return columns.index_select(0, condition.column_index).add_(
+            rows.index_select(0, condition.row_index))
+    return torch.addmm(bias, condition, weight.t())
+
+
+def _condition_weight_grads(condition: Condition, grad_hidden: Tensor) -> Tensor:
+    """d loss / d W_c of every block, (K*h, P), from the (N, K*h) pre-ReLU gradients."""
+    if isinstance(condition, GridCondition):
+        hidden = grad_hidden.shape[1]
+        per_column = grad_hidden.new_zeros(condition.columns.shape[0], hidden)
+        per_column.index_add_(0, condition.column_index, grad_hidden)
+        per_row = grad_hidden.new_zeros(condition.rows.shape[0], hidden)
+        per_row.index_add_(0, condition.row_index, grad_hidden)
+        return torch.cat([per_column.t() @ condition.columns, per_row.t() @ condition.rows],
+                         dim=1)
+    return grad_hidden.t() @ condition
+
+
+def _fused_forward(x: Tensor, condition: Condition, blocks: Sequence[ConditionalAffineCoupling],
+                   params: Sequence[Tensor], save: bool) -> tuple[Tensor, Tensor, tuple]:
+    """The stack's forward pass with few, large operations; returns what backward needs.
+
+    ``params`` is :meth:`ConditionalFlow.fused_parameters`: per block W1, b1, W2, b2, gamma,
+    offset. What does not depend on the fibers (global scales, rotations, the condition's
+    share of each first layer) is computed for all blocks at once, before the loop.
+    """
+    passive, active, clamp = blocks[0].passive, blocks[0].active, blocks[0].clamp
+    w1, b1, w2, b2 = params[0::6], params[1::6], params[2::6], params[3::6]
+    g = 0.1 * F.softplus(torch.stack(params[4::6]), beta=0.5)  # (K, 1, C) global scales
+    rotation = torch.stack([block._buffers["w_perm"] for block in blocks])  # (K, C, C)
+    # (u * g + b) R^T as one matrix product per block: u (g R^T) + b R^T.
+    mixing = (rotation * g).transpose(1, 2)
+    shift = torch.bmm(torch.stack(params[5::6]), rotation.transpose(1, 2))  # (K, 1, C)
+    condition_terms = _condition_terms(condition, w1, b1, passive)
+    width = w1[0].shape[0]
+    tanh_sum = x.new_zeros(x.shape[0])
     saved = []
-    log_det = x.new_zeros(x.shape[0])
-    for block in blocks:
-        passive, active = block.passive, block.active
-        first, second = block.subnet[0], block.subnet[2]
+    for index in range(len(blocks)):
         x1, x2 = x[:, :passive], x[:, passive:]
-        # [x1, c] W1^T without the concatenation: the condition's half of W1 is applied apart.
-        hidden = torch.addmm(first.bias, condition, first.weight[:, passive:].t())
-        hidden = hidden.addmm_(x1, first.weight[:, :passive].t()).relu_()
-        a = torch.addmm(second.bias, hidden, second.weight.t()).mul_(0.1)
-        tanh_s = torch.tanh(a[:, :active])
-        log_scale = tanh_s * block.clamp
-        exp_s = torch.exp(log_scale)
+        # [x1, c] W1^T + b1 = x1 W1x^T + (c W1c^T + b1), without the concatenation.
+        hidden = torch.addmm(condition_terms[:, index * width:(index + 1) * width], x1,
+                             w1[index][:, :passive].t()).relu_()
+        a = torch.addmm(b2[index], hidden, w2[index].t()).mul_(0.1)
+        tanh_s = torch.tanh(a[:, :active])  # log_scale = clamp * tanh_s
+        exp_s = torch.exp(tanh_s * clamp)
         u = torch.cat([x1, torch.addcmul(a[:, active:], x2, exp_s)], dim=1)
-        g = block.global_scale_value()
-        # (u * g + b) R^T as one matrix product: u (g R^T) + b R^T.
-        y = torch.addmm(F.linear(block.global_offset, block.w_perm)[0], u,
-                        (block.w_perm * g).t())
-        log_det = log_det + log_scale.sum(dim=1) + torch.log(g).sum()
+        x = torch.addmm(shift[index], u, mixing[index])
+        tanh_sum.add_(tanh_s.sum(dim=1))
         if save:
-            saved.append((x1, x2, hidden, tanh_s, exp_s, u, g))
-        x = y
-    return x, log_det, saved
+            saved.append((x1, x2, hidden, tanh_s, exp_s, u))
+    # log|det J| = sum over blocks of sum(log_scale) + sum(log g)
+    log_det = tanh_sum.mul_(clamp).add_(torch.log(g).sum())
+    return x, log_det, (saved, g, rotation)
 
 
 class _FusedFlow(torch.autograd.Function):
@@ -218,56 +330,71 @@ class _FusedFlow(torch.autograd.Function):
     in ``tests/test_flows.py``."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, condition: Tensor, flow: ConditionalFlow,  # type: ignore[override]
-                *params: Tensor) -> tuple[Tensor, Tensor]:
-        z, log_det, saved = _fused_forward(x, condition, flow.blocks, save=True)
-        ctx.flow = flow
+    def forward(ctx, x: Tensor, condition: Condition,  # type: ignore[override]
+                flow: ConditionalFlow, *params: Tensor) -> tuple[Tensor, Tensor]:
+        z, log_det, saved = _fused_forward(x, condition, flow.blocks, params, save=True)
+        ctx.blocks = flow.blocks
+        ctx.params = params
         ctx.saved = saved
-        ctx.save_for_backward(condition)
+        ctx.condition = condition  # a constant (positional encodings): no gradient
         ctx.x_needs_grad = x.requires_grad
         return z, log_det
 
     @staticmethod
     def backward(ctx, grad_z: Tensor, grad_log_det: Tensor):  # type: ignore[override]
-        (condition,) = ctx.saved_tensors
-        blocks = ctx.flow.blocks
+        blocks, params = ctx.blocks, ctx.params
+        saved, g, rotation = ctx.saved
+        n_blocks = len(blocks)
+        passive, clamp = blocks[0].passive, blocks[0].clamp
+        w1, w2 = params[0::6], params[2::6]
         if grad_z is None:
-            grad_z = torch.zeros_like(ctx.saved[-1][5])
+            grad_z = torch.zeros_like(saved[-1][5])
         if grad_log_det is None:
             grad_log_det = grad_z.new_zeros(grad_z.shape[0])
-        total_log_det_grad = grad_log_det.sum()
-        grads: list[Tensor | None] = []
+        width = w1[0].shape[0]
+        # Per block, d loss / d (pre-ReLU hidden) side by side (the condition's weights get
+        # their gradients from all of them at once after the loop), and the fiber sums that
+        # the global scales and offsets need.
+        grad_hidden_all = grad_z.new_empty(grad_z.shape[0], n_blocks * width)
+        grad_offset = grad_z.new_empty(n_blocks, 1, grad_z.shape[1])
+        grad_vu = torch.empty_like(grad_offset)
+        grad_w1_x, grad_w2, grad_b2 = [], [], []
         grad_y = grad_z
-        for index in range(len(blocks) - 1, -1, -1):
-            block = blocks[index]
-            passive = block.passive
-            first, second = block.subnet[0], block.subnet[2]
-            x1, x2, hidden, tanh_s, exp_s, u, g = ctx.saved[index]
-            grad_v = grad_y @ block.w_perm  # through y = v R^T
-            grad_offset = grad_v.sum(dim=0, keepdim=True)
-            # d/dg of (u g) and of N * sum(log g) weighted by the log-det gradient
-            grad_g = (grad_v * u).sum(dim=0, keepdim=True) + total_log_det_grad / g
-            grad_gamma = grad_g * 0.1 * torch.sigmoid(0.5 * block.global_scale)
-            grad_u = grad_v * g
-            grad_x1 = grad_u[:, :passive]
+        for index in range(n_blocks - 1, -1, -1):
+            x1, x2, hidden, tanh_s, exp_s, u = saved[index]
+            grad_v = grad_y @ rotation[index]  # through y = v R^T
+            torch.sum(grad_v, dim=0, keepdim=True, out=grad_offset[index])
+            torch.sum(grad_v * u, dim=0, keepdim=True, out=grad_vu[index])  # for d/dg of u g
+            grad_u = grad_v * g[index]
             grad_x2_new = grad_u[:, passive:]
             grad_x2 = grad_x2_new * exp_s
             # s enters x2 * exp(s) and the log-determinant; a = 0.1 * subnet output
             grad_s = torch.addcmul(grad_log_det[:, None], grad_x2, x2)
-            grad_a = torch.cat([grad_s * (block.clamp * 0.1) * (1 - tanh_s * tanh_s),
+            grad_a = torch.cat([grad_s * (clamp * 0.1) * (1 - tanh_s * tanh_s),
                                 grad_x2_new * 0.1], dim=1)
-            grad_w2 = grad_a.t() @ hidden
-            grad_b2 = grad_a.sum(dim=0)
-            # ReLU's backward in one kernel (no boolean mask to convert)
-            grad_hidden = torch.ops.aten.threshold_backward(grad_a @ second.weight, hidden, 0.0)
-            grad_w1 = torch.cat([grad_hidden.t() @ x1, grad_hidden.t() @ condition], dim=1)
-            grad_b1 = grad_hidden.sum(dim=0)
-            grads.append((grad_w1, grad_b1, grad_w2, grad_b2, grad_gamma, grad_offset))
+            grad_w2.append(grad_a.t() @ hidden)
+            grad_b2.append(grad_a.sum(dim=0))
+            # ReLU's backward in one kernel (no boolean mask to convert), into the stack
+            grad_hidden = grad_hidden_all[:, index * width:(index + 1) * width]
+            torch.ops.aten.threshold_backward.grad_input(grad_a @ w2[index], hidden, 0.0,
+                                                         grad_input=grad_hidden)
+            grad_w1_x.append(grad_hidden.t() @ x1)
             if index > 0 or ctx.x_needs_grad:
-                grad_x1 = grad_x1.addmm(grad_hidden, first.weight[:, :passive])
+                grad_x1 = grad_u[:, :passive].addmm(grad_hidden, w1[index][:, :passive])
                 grad_y = torch.cat([grad_x1, grad_x2], dim=1)
-        grads.reverse()
-        flat = [t for block_grads in grads for t in block_grads]
+        # d/dg of sum_n (u g) . grad_v and of N * sum(log g) weighted by the log-det gradient,
+        # then through g = 0.1 * softplus_{0.5}(gamma); for all blocks at once.
+        gamma = torch.stack(params[4::6])
+        grad_gamma = (grad_vu + grad_log_det.sum() / g) * (0.1 * torch.sigmoid(0.5 * gamma))
+        grad_w1_condition = _condition_weight_grads(ctx.condition, grad_hidden_all)
+        grad_w1_condition = grad_w1_condition.view(n_blocks, width, -1)
+        grad_b1 = grad_hidden_all.sum(dim=0).view(n_blocks, width)
+        flat = []
+        for index in range(n_blocks):
+            back = n_blocks - 1 - index  # the lists were filled from the last block
+            flat += [torch.cat([grad_w1_x[back], grad_w1_condition[index]], dim=1),
+                     grad_b1[index], grad_w2[back], grad_b2[back], grad_gamma[index],
+                     grad_offset[index]]
         grad_x = grad_y if ctx.x_needs_grad else None
         return (grad_x, None, None, *flat)
 
@@ -300,7 +427,7 @@ class ConditionalFlow(nn.Module):
                                       hidden_channels=hidden_channels)
             for _ in range(n_blocks))
 
-    def _check(self, x: Tensor, condition: Tensor | None) -> None:
+    def _check(self, x: Tensor, condition: Condition | None) -> None:
         if x.ndim != 2 or x.shape[1] != self.channels:
             raise ValueError(f"fibers must be (N, {self.channels}); got {tuple(x.shape)}")
         if self.condition_channels:
@@ -309,12 +436,13 @@ class ConditionalFlow(nn.Module):
                 raise ValueError(f"condition must be ({x.shape[0]}, {self.condition_channels}); "
                                  f"got {got}")
 
-    def forward(self, x: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, condition: Condition | None = None) -> tuple[Tensor, Tensor]:
         """Map fibers to the latent space.
 
         Args:
             x: (N, C) fibers.
-            condition: (N, P) positional encodings of their positions.
+            condition: (N, P) positional encodings of their positions, or the same as a
+                :class:`GridCondition` (cheaper in the fused path).
 
         Returns:
             z: (N, C), and log|det J| (N,) of the whole stack.
@@ -325,8 +453,10 @@ class ConditionalFlow(nn.Module):
             if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad
                                                                    for p in params)):
                 return _FusedFlow.apply(x, condition, self, *params)
-            z, log_det, _ = _fused_forward(x, condition, self.blocks, save=False)
+            z, log_det, _ = _fused_forward(x, condition, self.blocks, params, save=False)
             return z, log_det
+        if isinstance(condition, GridCondition):
+            condition = condition.dense()
         log_det = x.new_zeros(x.shape[0])
         for block in self.blocks:
             x, block_log_det = block(x, condition)
@@ -339,13 +469,15 @@ class ConditionalFlow(nn.Module):
                                                  b.subnet[2].weight, b.subnet[2].bias,
                                                  b.global_scale, b.global_offset)]
 
-    def reverse(self, z: Tensor, condition: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def reverse(self, z: Tensor, condition: Condition | None = None) -> tuple[Tensor, Tensor]:
         """Map latents back to fibers: the exact inverse of :meth:`forward`.
 
         Returns:
             x: (N, C), and the log|det| of the inverse map (N,), i.e. minus the forward one at x.
         """
         self._check(z, condition)
+        if isinstance(condition, GridCondition):
+            condition = condition.dense()
         log_det = z.new_zeros(z.shape[0])
         for block in reversed(self.blocks):
             z, block_log_det = block(z, condition, reverse=True)

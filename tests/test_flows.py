@@ -11,6 +11,7 @@ from torch import nn
 from adcore.flows import (
     ConditionalAffineCoupling,
     ConditionalFlow,
+    GridCondition,
     positional_encoding_2d,
     random_rotation,
 )
@@ -170,6 +171,55 @@ def test_fused_without_input_gradient_matches() -> None:
         losses.append([p.grad.clone() for p in flow.fused_parameters()])
     for a, b in zip(*losses):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+# ------------------------------------------------------------------ separable condition
+def _grid(channels: int, height: int, width: int, positions: torch.Tensor,
+          dtype: torch.dtype = torch.float64) -> GridCondition:
+    encoding = positional_encoding_2d(channels, height, width, dtype=dtype)
+    return GridCondition.from_encoding(encoding, positions)
+
+
+def test_grid_condition_is_the_dense_encoding() -> None:
+    encoding = positional_encoding_2d(16, 5, 7)
+    positions = torch.tensor([0, 6, 7, 34, 12, 12])
+    grid = GridCondition.from_encoding(encoding, positions)
+    dense = encoding.flatten(1).T[positions]
+    assert grid.shape == (6, 16)
+    assert torch.equal(grid.dense(), dense)
+    assert torch.equal(grid.repeat(2).dense(), torch.cat([dense, dense]))
+    assert torch.equal(grid[2:5].dense(), dense[2:5])
+
+
+def test_grid_condition_rejects_a_non_separable_encoding_and_bad_positions() -> None:
+    with pytest.raises(ValueError, match="separable"):
+        GridCondition.from_encoding(torch.randn(8, 3, 4), torch.tensor([0]))
+    with pytest.raises(ValueError, match=r"positions must lie in \[0, 12\)"):
+        GridCondition.from_encoding(positional_encoding_2d(8, 3, 4), torch.tensor([12]))
+
+
+def test_fused_grid_condition_matches_the_dense_condition() -> None:
+    torch.manual_seed(7)
+    flow = ConditionalFlow(6, 8, 3).double()
+    _perturb(flow, 0.1)
+    positions = torch.randint(0, 20, (30,))
+    grid = _grid(8, 4, 5, positions)
+    x = torch.randn(30, 6, dtype=torch.float64, requires_grad=True)
+    weights = torch.linspace(-1, 1, 30, dtype=torch.float64)
+    params = flow.fused_parameters()
+    results = []
+    for condition in (grid.dense(), grid):
+        z, log_det = flow(x, condition)
+        loss = (z ** 3).sum() + (weights * log_det).sum()
+        results.append((z, log_det, *torch.autograd.grad(loss, [x, *params])))
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, atol=1e-10, rtol=1e-8)
+    assert torch.autograd.gradcheck(lambda v, *p: flow(v, grid), (x, *params))
+    flow.fused = False  # the readable path expands the grid to the dense condition
+    z_plain, log_det_plain = flow(x, grid)
+    assert torch.allclose(z_plain, results[0][0]) and torch.allclose(log_det_plain, results[0][1])
+    x_back, _ = flow.reverse(z_plain, grid)
+    assert torch.allclose(x_back, x, atol=1e-8)
 
 
 # ------------------------------------------------------------------ bad input

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from adcore.cflow import CFlowModel
+from adcore.flows import GridCondition
 from adcore.losses import FLOW_LOSS_KINDS, flow_loss, log_likelihood
 from adcore.train.loop import NonFiniteLossError, progress, save_checkpoint
 
@@ -280,7 +281,7 @@ class FiberTrainer:
             else:
                 group["lr"] = lr
 
-    def _step_loss(self, stage: int, fibers: Tensor, condition: Tensor,
+    def _step_loss(self, stage: int, fibers: Tensor, condition: GridCondition,
                    augmented: Tensor | None, mask: Tensor | None,
                    contrastive: Contrastive | None) -> Tensor:
         """The loss of one fiber batch (N fibers, or 2N with an augmented batch)."""
@@ -290,7 +291,7 @@ class FiberTrainer:
             z, log_det = flow(fibers, condition)
             return flow_loss(log_likelihood(z, log_det), n_channels, self.loss_kind)
         # Real and augmented fibers at the same positions go through the flow together.
-        z_all, log_det_all = flow(torch.cat([fibers, augmented]), torch.cat([condition, condition]))
+        z_all, log_det_all = flow(torch.cat([fibers, augmented]), condition.repeat(2))
         log_p_all = log_likelihood(z_all, log_det_all)
         n = fibers.shape[0]
         loss = flow_loss(log_p_all[:n], n_channels, self.loss_kind)
@@ -305,18 +306,17 @@ class FiberTrainer:
         """All optimizer steps of one stage for one image batch; returns the (steps,) losses."""
         n = self.fiber_batch
         n_steps = fibers.shape[0] // n
-        positions = self.model.condition(stage).shape[0]
         order = permutation[:n_steps * n]
         # Gather every step's fibers at once: one indexing kernel instead of one per step.
         batch_fibers = fibers.index_select(0, order).view(n_steps, n, -1)
-        batch_condition = self.model.condition(stage).index_select(0, order % positions)
-        batch_condition = batch_condition.view(n_steps, n, -1)
+        # Their positional encodings in separable form (column and row tables, looked up).
+        grid = self.model.grid_condition(stage, order)
         batch_aug = (augmented.index_select(0, order).view(n_steps, n, -1)
                      if augmented is not None else None)
         batch_mask = masks.index_select(0, order).view(n_steps, n) if masks is not None else None
         losses = []
         for step in range(n_steps):
-            loss = self._step_loss(stage, batch_fibers[step], batch_condition[step],
+            loss = self._step_loss(stage, batch_fibers[step], grid[step * n:(step + 1) * n],
                                    None if batch_aug is None else batch_aug[step],
                                    None if batch_mask is None else batch_mask[step], contrastive)
             loss.backward()
