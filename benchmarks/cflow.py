@@ -9,8 +9,10 @@ batch, one ``randperm`` per stage, then for every fiber batch of N fibers a FrEI
 ``get_logp``, ``zero_grad``, ``backward``, ``step`` and ``loss.sum()`` read back to the host.
 
 Timed: every step of the three stages for each image batch, on features extracted once
-(the extraction is timed apart and added to the training images/s). The first ``--warmup``
-image batches are not timed (adcore captures its CUDA graphs there).
+(the extraction is timed apart and added to the training images/s), the two loops taking
+turns batch by batch. The first ``--warmup`` image batches are not timed (adcore captures its
+CUDA graphs there). On the CPU the clock is process CPU time, which a busy machine does not
+inflate.
 
     python benchmarks/cflow.py                       # CPU, small (a couple of minutes)
     python benchmarks/cflow.py --device cuda --batches 20 --warmup 3   # GPU, full size
@@ -126,11 +128,13 @@ def main() -> None:
     # On CUDA the first batches capture one graph per stage and fiber-batch shape: a short
     # warm-up leaves capture inside the timed part (3 batches after 1 measured 2.2x, not 13x).
     parser.add_argument("--batches", type=int, default=None,
-                        help="timed image batches (default: 3 on the CPU, 20 on CUDA)")
+                        help="timed image batches (default: 4 on the CPU, 20 on CUDA)")
     parser.add_argument("--warmup", type=int, default=None,
                         help="untimed image batches first (default: 1 on the CPU, 3 on CUDA)")
     parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads (1 is fairest on a shared machine)")
+                        help="CPU cores for each loop (1 is fairest on a shared machine): the "
+                             "reference gets as many torch threads, adcore that many stage "
+                             "threads (at most 3) of one torch thread each")
     parser.add_argument("--no-graphs", action="store_true", help="adcore without CUDA graphs")
     parser.add_argument("--no-streams", action="store_true", help="adcore without stage streams")
     parser.add_argument("--no-pretrained", action="store_true",
@@ -150,8 +154,13 @@ def main() -> None:
                        generator=torch.Generator().manual_seed(0)).to(device)
     decoders = reference_decoders(model)
     on_cuda = str(args.device).startswith("cuda")
+    # process CPU time on one CPU thread (the work done, which a busy machine does not
+    # inflate); wall time on CUDA and with several threads
+    clock = time.perf_counter if on_cuda or args.threads > 1 else time.process_time
+    stage_threads = 1 if on_cuda else min(args.threads, 3)
+    adcore_threads = max(1, args.threads // stage_threads)
     if args.batches is None:
-        args.batches = 20 if on_cuda else 3
+        args.batches = 20 if on_cuda else 4
     if args.warmup is None:
         args.warmup = 3 if on_cuda else 1
     n_batches = args.warmup + args.batches
@@ -160,7 +169,7 @@ def main() -> None:
 
     trainer = FiberTrainer(model, lr=2e-4, fiber_batch=args.fiber_batch, loss="logsigmoid",
                            use_graphs=False if args.no_graphs else None,
-                           streams=not args.no_streams, seed=0)
+                           streams=not args.no_streams, seed=0, stage_threads=stage_threads)
     reference_optimizer = torch.optim.Adam(decoders.parameters(), lr=2e-4)
     reference_generator = torch.Generator().manual_seed(0)
 
@@ -168,34 +177,44 @@ def main() -> None:
     # extraction apart (it is part of a training image's cost, not of a training step).
     features = [model.features(images[batch]) for batch in range(n_batches)]
     _sync(device)
-    start = time.perf_counter()
+    start = clock()
     for batch in range(args.warmup, n_batches):
         model.features(images[batch])
     _sync(device)
-    feature_seconds = time.perf_counter() - start
+    feature_seconds = clock() - start
 
     def run_reference(batch: int) -> int:
+        torch.set_num_threads(args.threads)
         return reference_train_batch(decoders, reference_optimizer, features[batch],
                                      args.fiber_batch, config.condition_channels,
                                      reference_generator)
 
     def run_adcore(batch: int) -> int:
+        torch.set_num_threads(adcore_threads)
         losses = trainer.train_batch(features[batch])
         return sum(x.numel() for x in losses)
 
-    timings = {}
-    for name, run in (("reference (FrEIA, CFlow-AD loop)", run_reference),
-                      ("adcore FiberTrainer", run_adcore)):
-        for batch in range(args.warmup):
-            run(batch)
-        _sync(device)
-        start = time.perf_counter()
-        steps = sum(run(batch) for batch in range(args.warmup, n_batches))
-        _sync(device)
-        timings[name] = (steps, time.perf_counter() - start)
+    # Interleaved, batch by batch, so that a change of load on a shared machine hits both
+    # alike. On the CPU the clock is the process's CPU time (with one thread, the work done;
+    # it does not count time spent waiting for a core); on CUDA it is wall time.
+    runs = {"reference (FrEIA, CFlow-AD loop)": run_reference, "adcore FiberTrainer": run_adcore}
+    timings = {name: (0, 0.0) for name in runs}
+    for batch in range(n_batches):
+        for name, run in runs.items():
+            _sync(device)
+            start = clock()
+            steps = run(batch)
+            _sync(device)
+            if batch >= args.warmup:
+                done, seconds = timings[name]
+                timings[name] = (done + steps, seconds + clock() - start)
 
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"
           f" ({args.threads} CPU threads), torch {torch.__version__}")
+    if not on_cuda:
+        print(f"CPU budget {args.threads} core(s): reference {args.threads} torch thread(s); "
+              f"adcore {stage_threads} stage thread(s) x {adcore_threads} torch thread(s); "
+              f"clock: {'process CPU time' if clock is time.process_time else 'wall time'}")
     print(f"backbone {args.backbone}, image {args.image_size}, batch {args.batch_size}, "
           f"N = {args.fiber_batch}, stages {model.channels} at {model.stage_sizes}, "
           f"{args.batches} timed image batches after {args.warmup} warm-up")
@@ -224,6 +243,7 @@ def main() -> None:
           f"(largest parameter {scale:.2e})")
 
     # Inference: whole test images to anomaly maps.
+    torch.set_num_threads(args.threads)  # inference: the same threads for both
     model.eval()
     model.normalization.fill_(0.0)
     test = images[-1]

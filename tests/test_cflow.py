@@ -215,6 +215,24 @@ def test_fast_path_takes_the_same_steps_up_to_rounding(features) -> None:
     assert differences.max() < 5e-4
 
 
+def test_stage_threads_take_the_same_steps_as_sequential_stages(features) -> None:
+    models = [_model(), _model()]
+    trainers = [FiberTrainer(models[0], fiber_batch=8, seed=2),
+                FiberTrainer(models[1], fiber_batch=8, seed=2, stage_threads=3)]
+    for batch in features:
+        losses = [trainer.train_batch(batch, 1e-3) for trainer in trainers]
+        assert all(torch.equal(a, b) for a, b in zip(*losses))
+    assert trainers[0].steps == trainers[1].steps == [64, 16, 4]
+    # each stage is stepped by the one Adam, every parameter as often as its stage
+    assert all(torch.equal(p, q) for p, q in zip(models[0].flows.parameters(),
+                                                  models[1].flows.parameters()))
+    state = trainers[1].optimizer.state
+    assert [int(state[flow.blocks[0].global_scale]["step"]) for flow in models[1].flows] == [
+        64, 16, 4]
+    with pytest.raises(ValueError, match="stage_threads must be >= 1"):
+        FiberTrainer(_model(), stage_threads=0)
+
+
 def test_trainer_rejects_a_fiber_batch_larger_than_the_positions(features) -> None:
     trainer = FiberTrainer(_model(), fiber_batch=32)
     with pytest.raises(ValueError, match=r"N=32 is larger than the 16 positions of stage 2"):

@@ -29,9 +29,12 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -120,6 +123,8 @@ class CFlowTrainConfig:
             waits for the device).
         use_graphs: capture the steps as CUDA graphs (None: on CUDA only).
         seed: seeds the fiber permutations and the data order.
+        stage_threads: on the CPU, stages trained at once, one thread each (see
+            :class:`FiberTrainer`; the steps do not change).
     """
 
     epochs: int = 200
@@ -135,13 +140,15 @@ class CFlowTrainConfig:
     check_every: int = 10
     use_graphs: bool | None = None
     seed: int = 0
+    stage_threads: int = 1
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.flow_loss not in FLOW_LOSS_KINDS:
             raise ValueError(f"flow_loss must be one of {FLOW_LOSS_KINDS}, got {self.flow_loss!r}")
-        for name in ("epochs", "sub_epochs", "batch_size", "fiber_batch", "check_every"):
+        for name in ("epochs", "sub_epochs", "batch_size", "fiber_batch", "check_every",
+                     "stage_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -235,6 +242,11 @@ class FiberTrainer:
         streams: on CUDA, run the three stages on their own streams.
         seed: seeds the CPU generator of the fiber permutations (so CPU and CUDA runs draw the
             same fiber batches).
+        stage_threads: on the CPU, train up to this many stages at once, one thread each (the
+            CPU's counterpart of the CUDA streams). The stages share no parameters, so the
+            steps are those of the sequential loop; the one Adam is stepped by one stage at a
+            time. Best with ``torch.set_num_threads(1)`` and as many cores as threads. A
+            contrastive objective is then called from several threads at once.
 
     Attributes:
         optimizer: one Adam over all stages.
@@ -243,11 +255,13 @@ class FiberTrainer:
 
     def __init__(self, model: CFlowModel, *, lr: float = 2e-4, fiber_batch: int = 256,
                  loss: str = "nll", use_graphs: bool | None = None, streams: bool = True,
-                 seed: int = 0) -> None:
+                 seed: int = 0, stage_threads: int = 1) -> None:
         if loss not in FLOW_LOSS_KINDS:
             raise ValueError(f"loss must be one of {FLOW_LOSS_KINDS}, got {loss!r}")
         if fiber_batch < 1:
             raise ValueError(f"fiber_batch must be >= 1, got {fiber_batch}")
+        if stage_threads < 1:
+            raise ValueError(f"stage_threads must be >= 1, got {stage_threads}")
         self.model = model
         self.device = model.normalization.device
         self.fiber_batch = fiber_batch
@@ -268,6 +282,13 @@ class FiberTrainer:
         self.generator = torch.Generator().manual_seed(seed)
         self.streams = ([torch.cuda.Stream(self.device) for _ in model.flows]
                         if on_cuda and streams else None)
+        if stage_threads > 1 and on_cuda:
+            raise ValueError("stage_threads is for the CPU; on CUDA the stages run on their own "
+                             "streams (streams=True)")
+        self._pool = (ThreadPoolExecutor(min(stage_threads, model.n_stages),
+                                         thread_name_prefix="adcore-stage")
+                      if stage_threads > 1 else None)
+        self._step_lock = threading.Lock()
         self._graphs: dict[tuple, _StageGraph] = {}
         self._seen: set[tuple] = set()
         self.steps = [0] * model.n_stages
@@ -314,14 +335,24 @@ class FiberTrainer:
         batch_aug = (augmented.index_select(0, order).view(n_steps, n, -1)
                      if augmented is not None else None)
         batch_mask = masks.index_select(0, order).view(n_steps, n) if masks is not None else None
+        # with stage threads, a stage's gradients reach the shared Adam only inside the lock
+        params = list(self.model.flows[stage].parameters()) if self._pool else None
         losses = []
         for step in range(n_steps):
             loss = self._step_loss(stage, batch_fibers[step], grid[step * n:(step + 1) * n],
                                    None if batch_aug is None else batch_aug[step],
                                    None if batch_mask is None else batch_mask[step], contrastive)
-            loss.backward()
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            if params is None:
+                loss.backward()
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            else:
+                grads = torch.autograd.grad(loss, params)
+                with self._step_lock:  # Adam steps every parameter that has a gradient
+                    for param, grad in zip(params, grads):
+                        param.grad = grad
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
             losses.append(loss.detach())
         return torch.stack(losses)
 
@@ -405,8 +436,11 @@ class FiberTrainer:
             prepared.append((model.fibers(feature), permutation, aug, masks_l))
 
         if self.device.type != "cuda":
-            out = [self._steps_of_stage(stage, fibers, perm, aug, m, contrastive)
-                   for stage, (fibers, perm, aug, m) in enumerate(prepared)]
+            jobs = [partial(self._steps_of_stage, stage, fibers, perm, aug, m, contrastive)
+                    for stage, (fibers, perm, aug, m) in enumerate(prepared)]
+            # stage 0, the longest, starts first
+            out = (list(self._pool.map(lambda job: job(), jobs)) if self._pool
+                   else [job() for job in jobs])
         else:
             out = self._train_batch_cuda(prepared, contrastive)
         for stage, losses in enumerate(out):
@@ -511,7 +545,7 @@ def train_cflow(model: CFlowModel, dataset: torch.utils.data.Dataset,
         pin_memory=device.type == "cuda")
     trainer = FiberTrainer(model, lr=config.lr, fiber_batch=config.fiber_batch,
                            loss=config.flow_loss, use_graphs=config.use_graphs,
-                           seed=config.seed)
+                           seed=config.seed, stage_threads=config.stage_threads)
     model.train()
     per_epoch = len(loader) * config.sub_epochs
     history: dict = {"loss": [], "lr": [], "config": config.to_dict()}
