@@ -96,11 +96,13 @@ def random_case(seed: int, batch: int = 2, channels: int = 3, height: int = 23, 
 
 # --------------------------------------------------------------------------- exact solve
 @pytest.mark.parametrize("guidance", ["source", "mixed"])
-@pytest.mark.parametrize("preconditioner", ["jacobi", "dst"])
-def test_matches_sparse_direct_solve(guidance: str, preconditioner: str) -> None:
+@pytest.mark.parametrize(("solver", "preconditioner"),
+                         [("cg", "jacobi"), ("cg", "dst"), ("direct", "auto")])
+def test_matches_sparse_direct_solve(guidance: str, solver: str, preconditioner: str) -> None:
     target, source, mask = random_case(seed=1)
     assert mask.any() and not mask.all()
-    out = poisson_blend(target, source, mask, guidance=guidance, preconditioner=preconditioner)
+    out = poisson_blend(target, source, mask, guidance=guidance, solver=solver,
+                        preconditioner=preconditioner)
     for b in range(target.shape[0]):
         expected = perez_direct(target[b].numpy(), source[b].numpy(), mask[b, 0].numpy(), guidance)
         np.testing.assert_allclose(out[b].numpy(), expected, atol=1e-3, rtol=0)
@@ -119,13 +121,15 @@ def test_matches_direct_solve_with_masks_touching_every_border() -> None:
     masks[2] = True                              # everything but one pixel
     masks[2, 9, 11] = False
     mask = torch.from_numpy(masks)[:, None]
-    out = poisson_blend(target, source, mask)
+    out = poisson_blend(target, source, mask, solver="cg")
     # one boundary pixel makes A ill-conditioned: tol bounds the residual, not the error, so
     # this item needs a tighter tol than the default to reach 1e-3
-    out[2:] = poisson_blend(target[2:], source[2:], mask[2:], tol=1e-6)
+    out[2:] = poisson_blend(target[2:], source[2:], mask[2:], solver="cg", tol=1e-6)
+    direct = poisson_blend(target, source, mask, solver="direct")
     for b in range(3):
         expected = perez_direct(target[b].numpy(), source[b].numpy(), masks[b])
         np.testing.assert_allclose(out[b].numpy(), expected, atol=1e-3, rtol=0)
+        np.testing.assert_allclose(direct[b].numpy(), expected, atol=1e-5, rtol=0)
 
 
 def test_analytic_quadratic_plus_harmonic_on_a_disc() -> None:
@@ -186,9 +190,13 @@ def test_float_mask_dtype_and_float64_are_accepted() -> None:
 
 def test_info_reports_convergence_and_warns_when_not_converged() -> None:
     target, source, mask = random_case(seed=6, batch=2, height=40, width=40, threshold=-0.5)
-    out, info = poisson_blend_info(target, source, mask, tol=1e-6)
-    assert isinstance(info, SolveInfo)
+    out, info = poisson_blend_info(target, source, mask, tol=1e-6, solver="cg")
+    assert isinstance(info, SolveInfo) and info.solver == "cg"
     assert info.converged and info.residual <= 1e-6 and info.iterations > 1
+    exact, direct = poisson_blend_info(target, source, mask)   # the CPU's default
+    assert direct.solver == "direct" and direct.iterations == 0 and direct.preconditioner == "none"
+    assert direct.converged and direct.residual < 1e-5
+    torch.testing.assert_close(out, exact, atol=1e-4, rtol=0)
     with pytest.warns(RuntimeWarning, match="did not converge"):
         _, short = poisson_blend_info(target, source, mask, tol=1e-6, max_iter=2)
     assert not short.converged and short.iterations == 2 and short.residual > 1e-6
@@ -212,8 +220,11 @@ def test_preconditioners_agree_and_dst_needs_fewer_iterations_on_a_fat_mask() ->
     at_border = disc.clone()
     at_border[..., :, :20] = True                                    # a fat mask on the border
     for other in (ring, line, at_border):
-        _, info_other = poisson_blend_info(target, source, other)
+        _, info_other = poisson_blend_info(target, source, other, solver="cg")
         assert info_other.preconditioner == "jacobi"
+        # on the CPU, "auto" factorises these: thin, sprawling or touching the border
+        assert poisson_blend_info(target, source, other)[1].solver == "direct"
+    assert info_auto.solver == "cg"   # large and compact: CG with the sine transform
 
 
 def test_gradients_match_finite_differences() -> None:
@@ -225,9 +236,11 @@ def test_gradients_match_finite_differences() -> None:
     mask[0, 0, 1:5, 2:5] = True
     mask[0, 0, 0, 0] = True
     mask[1, 0, 3:, 1:3] = True
-    for guidance in ("source", "mixed"):
-        def blend(t: torch.Tensor, s: torch.Tensor, guidance: str = guidance) -> torch.Tensor:
-            return poisson_blend(t, s, mask, guidance=guidance, tol=1e-13)
+    for guidance, solver in (("source", "cg"), ("mixed", "cg"), ("source", "direct"),
+                             ("mixed", "direct")):
+        def blend(t: torch.Tensor, s: torch.Tensor, guidance: str = guidance,
+                  solver: str = solver) -> torch.Tensor:
+            return poisson_blend(t, s, mask, guidance=guidance, tol=1e-13, solver=solver)
         # fast_mode checks random projections of the Jacobian: enough, and far fewer solves
         assert torch.autograd.gradcheck(blend, (target, source), atol=1e-7, fast_mode=True)
 
@@ -368,6 +381,10 @@ def test_bad_solver_settings() -> None:
         poisson_blend(target, source, mask, max_iter=0)
     with pytest.raises(ValueError, match="preconditioner"):
         poisson_blend(target, source, mask, preconditioner="ilu")
+    with pytest.raises(ValueError, match="solver='lu'; expected one of"):
+        poisson_blend(target, source, mask, solver="lu")
+    with pytest.raises(ValueError, match="preconditioner='dst' is a setting of solver='cg'"):
+        poisson_blend(target, source, mask, solver="direct", preconditioner="dst")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         poisson_blend(target, source, mask)  # no warning on a normal call

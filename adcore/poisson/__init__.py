@@ -31,6 +31,9 @@ Solvers:
   keeps and reuses across calls of similar shapes (:func:`clear_cuda_graphs` frees them).
   Gradients w.r.t. the images use the implicit adjoint: since A is symmetric, the backward
   pass is one more solve with the same matrix (no graph through the iterations).
+- On the CPU, ``solver="direct"`` factorises A instead (sparse LU, :mod:`adcore.poisson.direct`):
+  exact to float64 rounding, and faster than CG there for thin masks such as cracks and for
+  small ones; ``solver="auto"`` uses it on the CPU except for large compact masks.
 - :func:`poisson_blend_box` is the approximation OpenCV's ``seamlessClone`` makes, kept for
   teaching: one sine-transform solve on the mask's bounding box with the target as the box's
   boundary and the target's own gradient as guidance outside the mask. It changes pixels
@@ -45,10 +48,12 @@ import math
 import warnings
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from adcore.poisson.direct import SolveFactored, factorize
 from adcore.poisson.masked_cg import (
     SolveInfo,
     _MaskedSystem,
@@ -71,9 +76,17 @@ __all__ = [
 
 Guidance = Literal["source", "mixed"]
 Preconditioner = Literal["auto", "jacobi", "dst"]
+Solver = Literal["auto", "cg", "direct"]
 
 _GUIDANCES = ("source", "mixed")
 _PRECONDITIONERS = ("auto", "jacobi", "dst")
+_SOLVERS = ("auto", "cg", "direct")
+#: "auto" on the CPU factorises A unless an item is compact (as for the DST rule below) and
+#: larger than this many pixels: the fill of a 2-D domain then makes the factorisation slower
+#: than CG with the sine-transform preconditioner (measured with ``benchmarks/poisson.py``:
+#: a disc of 3200 pixels factorises in 5 ms against 12 ms for CG; one of 5000 takes ~13 ms
+#: either way; at 11 000 CG wins, 26 against 33 ms).
+_AUTO_DIRECT_MAX_COMPACT = 4096
 #: "auto" uses the sine-transform preconditioner for masks that are thick (2 × area / boundary
 #: length of the thickest item, in pixels: about the width of a stroke, 0.8 × the radius of a
 #: disc), compact (they fill a good part of their common bounding box, whose size sets the cost
@@ -130,7 +143,13 @@ def _check_images(target: Tensor, source: Tensor, mask: Tensor, guidance: str) -
     return mask[:, 0]
 
 
-def _check_settings(tol: float, max_iter: int | None, preconditioner: str) -> None:
+def _check_settings(tol: float, max_iter: int | None, preconditioner: str,
+                    solver: str = "cg") -> None:
+    if solver not in _SOLVERS:
+        raise ValueError(f"solver={solver!r}; expected one of {_SOLVERS}")
+    if solver == "direct" and preconditioner != "auto":
+        raise ValueError(f"preconditioner={preconditioner!r} is a setting of solver='cg'; "
+                         "the direct solver has none")
     if not (isinstance(tol, int | float) and math.isfinite(tol) and tol > 0):
         raise ValueError(f"tol={tol!r}; expected a positive relative residual such as 1e-5")
     if max_iter is not None and (not isinstance(max_iter, int) or max_iter < 1):
@@ -176,21 +195,34 @@ def _guidance_rhs(target: Tensor, source: Tensor, mask: Tensor, guidance: str) -
 def poisson_blend_info(target: Tensor, source: Tensor, mask: Tensor, *,
                        guidance: Guidance = "source", tol: float = 1e-4,
                        max_iter: int | None = None, preconditioner: Preconditioner = "auto",
-                       check_every: int | None = None) -> tuple[Tensor, SolveInfo]:
+                       check_every: int | None = None,
+                       solver: Solver = "auto") -> tuple[Tensor, SolveInfo]:
     """:func:`poisson_blend`, also returning how the solve went (iterations, residual).
 
     Returns:
         (blended (B, C, H, W), :class:`SolveInfo`).
     """
-    _check_settings(tol, max_iter, preconditioner)
+    return _blend(target, source, mask, guidance=guidance, tol=tol, max_iter=max_iter,
+                  preconditioner=preconditioner, check_every=check_every, solver=solver,
+                  measure=True)
+
+
+def _blend(target: Tensor, source: Tensor, mask: Tensor, *, guidance: str, tol: float,
+           max_iter: int | None, preconditioner: str, check_every: int | None, solver: str,
+           measure: bool) -> tuple[Tensor, SolveInfo]:
+    """Both public functions; ``measure``: compute the direct solver's residual (one more
+    sparse product, which :func:`poisson_blend` does not need)."""
+    _check_settings(tol, max_iter, preconditioner, solver)
     if check_every is not None and (not isinstance(check_every, int) or check_every < 1):
         raise ValueError(f"check_every={check_every!r}; expected a positive int or None")
     mask_bool = _check_images(target, source, mask, guidance)
+    if solver == "direct" and target.device.type != "cpu":
+        raise ValueError(f"solver='direct' runs on the CPU; the images are on {target.device} "
+                         "(use solver='cg' or 'auto' there)")
     out_dtype = target.dtype
     work = torch.float64 if out_dtype == torch.float64 else torch.float32
     target_w, source_w = target.to(work), source.to(work)
-    system = _MaskedSystem(mask_bool, target.shape[1], work,
-                           bucket=_use_cuda_graph(target))
+    system = _MaskedSystem(mask_bool, target.shape[1], work, padded=False)
     if system.max_count == mask_bool[0].numel():
         item = int(mask_bool.flatten(1).all(1).nonzero()[0, 0])
         raise ValueError(f"mask of item {item} covers the whole image: Ω then has no boundary "
@@ -198,44 +230,80 @@ def poisson_blend_info(target: Tensor, source: Tensor, mask: Tensor, *,
                          "unmasked pixel")
     if system.count == 0:
         return target.clone(), SolveInfo(0, 0.0, True, "jacobi" if preconditioner == "auto"
-                                         else preconditioner)
-    if preconditioner == "auto":
-        min_thickness, min_fill = _AUTO_DST
-        thickness, on_border = system.shape()
-        compact = (thickness >= min_thickness and not on_border
-                   and system.box_fill() >= min_fill)
-        preconditioner = "dst" if compact else "jacobi"
-    if max_iter is None:
-        # CG converges in at most N steps in exact arithmetic; float32 needs a little slack.
-        max_iter = max(50, 4 * (target.shape[-2] + target.shape[-1]))
-    if check_every is None:
-        # on the CPU a convergence check costs nothing; on a GPU it is a host synchronisation
-        check_every = 1 if target.device.type == "cpu" else 8
-    report: list[SolveInfo] = []
-    settings = {"tol": tol, "max_iter": max_iter, "preconditioner": preconditioner,
-                "check_every": check_every}
+                                         else preconditioner, "cg" if solver == "auto" else solver)
+    if solver == "auto":
+        # settings of the iterations, or a GPU, mean CG; on the CPU, factorise unless large
+        # and compact
+        cg_asked = preconditioner != "auto" or max_iter is not None or check_every is not None
+        solver = "cg" if cg_asked or target.device.type != "cpu" else (
+            "cg" if system.max_count > _AUTO_DIRECT_MAX_COMPACT and _compact(system)
+            else "direct")
+    if solver == "cg":
+        system._pad(bucket=_use_cuda_graph(target))
+        if preconditioner == "auto":
+            preconditioner = "dst" if _compact(system) else "jacobi"
     index = system.flat_index()
     target_in = target_w.take(index)
     # start from the naive paste (f = source in Ω): the remaining error is then the smooth
     # harmonic correction only, and the residual, relative to the start's, measures it well
-    start = system.to_columns((source_w.take(index) - target_in).detach())
-    rhs = system.to_columns(system.rhs(target_w, source_w, guidance))
-    u = _SolveOnMask.apply(rhs, start, system, settings, report)
-    info = report[0]
+    start = (source_w.take(index) - target_in).detach()
+    rhs = system.rhs(target_w, source_w, guidance)                      # (C, N)
+    if solver == "direct":
+        matrix = system.sparse_matrix()
+        u = SolveFactored.apply(rhs, factorize(matrix))
+        # exact: what remains of the residual is the rounding of u to the images' dtype
+        residual = (_relative_residual(matrix, system, rhs, u, start) if measure
+                    else float("nan"))
+        info = SolveInfo(0, residual, True, "none", "direct")
+    else:
+        if max_iter is None:
+            # CG converges in at most N steps in exact arithmetic; float32 needs some slack.
+            max_iter = max(50, 4 * (target.shape[-2] + target.shape[-1]))
+        if check_every is None:
+            # on the CPU a convergence check costs nothing; on a GPU it syncs with the host
+            check_every = 1 if target.device.type == "cpu" else 8
+        report: list[SolveInfo] = []
+        settings = {"tol": tol, "max_iter": max_iter, "preconditioner": preconditioner,
+                    "check_every": check_every}
+        u = system.from_columns(_SolveOnMask.apply(system.to_columns(rhs),
+                                                   system.to_columns(start), system, settings,
+                                                   report))
+        info = report[0]
     if not info.converged:
         warnings.warn(f"Poisson solve did not converge: relative residual {info.residual:.2e} "
                       f"> tol={tol:g} after {info.iterations} iterations; raise max_iter or tol",
-                      RuntimeWarning, stacklevel=2)
-    inside = (target_in + system.from_columns(u)).to(out_dtype)
+                      RuntimeWarning, stacklevel=3)
+    inside = (target_in + u).to(out_dtype)
     # outside Ω the result is a copy of the target, bit for bit
     blended = target.flatten().index_put((index.flatten(),), inside.flatten())
     return blended.view_as(target), info
 
 
+def _compact(system: _MaskedSystem) -> bool:
+    """Thick, compact and off the image border: where the sine-transform preconditioner wins."""
+    min_thickness, min_fill = _AUTO_DST
+    thickness, on_border = system.shape()
+    return thickness >= min_thickness and not on_border and system.box_fill() >= min_fill
+
+
+def _relative_residual(matrix, system: _MaskedSystem, rhs: Tensor, u: Tensor,
+                       start: Tensor) -> float:
+    """max over items and channels of ‖b − A u‖ / ‖b − A u₀‖ (u₀ the naive paste), as CG
+    reports it."""
+    b = rhs.detach().double().numpy()
+    residual = b - (matrix @ u.detach().double().numpy().T).T
+    initial = b - (matrix @ start.double().numpy().T).T
+    items = system.item.numpy()
+    squares = [np.stack([np.bincount(items, weights=row * row, minlength=system.batch)
+                         for row in values]) for values in (residual, initial)]
+    ratio = np.sqrt(squares[0] / np.maximum(squares[1], np.finfo(np.float64).tiny))
+    return float(ratio.max())
+
+
 def poisson_blend(target: Tensor, source: Tensor, mask: Tensor, *,
                   guidance: Guidance = "source", tol: float = 1e-4, max_iter: int | None = None,
                   preconditioner: Preconditioner = "auto",
-                  check_every: int | None = None) -> Tensor:
+                  check_every: int | None = None, solver: Solver = "auto") -> Tensor:
     """Paste ``source`` into ``target`` inside ``mask`` by Poisson image editing (exact solve).
 
     Inside the mask Ω the result f solves Δf = div v (Eq. 6 of the civil-engineering paper,
@@ -260,6 +328,11 @@ def poisson_blend(target: Tensor, source: Tensor, mask: Tensor, *,
             ``"jacobi"`` otherwise, cracks included).
         check_every: iterations between convergence checks (default 1 on the CPU, 8 on a GPU,
             where a check synchronises with the host).
+        solver: ``"cg"`` (conjugate gradients, any device; ``tol``, ``max_iter``,
+            ``preconditioner`` and ``check_every`` are its settings), ``"direct"`` (sparse LU
+            of the whole batch, CPU only, exact to rounding) or ``"auto"``: ``"direct"`` on
+            the CPU unless an item is large and compact (or a CG setting is given), ``"cg"``
+            elsewhere.
 
     Returns:
         (B, C, H, W), the target's dtype and device.
@@ -268,9 +341,9 @@ def poisson_blend(target: Tensor, source: Tensor, mask: Tensor, *,
         ValueError: shapes, devices, non-binary or whole-image masks, non-finite pixels, or
             bad solver settings. TypeError: non-float images.
     """
-    blended, _ = poisson_blend_info(target, source, mask, guidance=guidance, tol=tol,
-                                    max_iter=max_iter, preconditioner=preconditioner,
-                                    check_every=check_every)
+    blended, _ = _blend(target, source, mask, guidance=guidance, tol=tol, max_iter=max_iter,
+                        preconditioner=preconditioner, check_every=check_every, solver=solver,
+                        measure=False)
     return blended
 
 

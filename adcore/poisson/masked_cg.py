@@ -13,6 +13,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+import scipy.sparse
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -33,14 +35,18 @@ class SolveInfo:
         iterations: iterations run (the same for every image and channel of the batch).
         residual: the largest relative residual ‖b − A u‖ / ‖b − A u₀‖ over images and
             channels, u₀ the start (the naive paste in :func:`poisson_blend`).
-        converged: whether ``residual <= tol``.
-        preconditioner: ``"jacobi"`` or ``"dst"``, the one used.
+        converged: whether ``residual <= tol`` (always true for the direct solver, whose
+            residual is the rounding of the result to the images' dtype).
+        preconditioner: ``"jacobi"`` or ``"dst"``, the one used (``"none"`` for the direct
+            solver).
+        solver: ``"cg"`` (conjugate gradients) or ``"direct"`` (sparse LU, no iterations).
     """
 
     iterations: int
     residual: float
     converged: bool
     preconditioner: str
+    solver: str = "cg"
 
 
 # --------------------------------------------------------------------------- the masked system
@@ -68,7 +74,7 @@ class _MaskedSystem:
     """
 
     def __init__(self, mask: Tensor, channels: int, dtype: torch.dtype,
-                 bucket: bool = False) -> None:
+                 bucket: bool = False, padded: bool = True) -> None:
         batch, height, width = mask.shape
         device = mask.device
         coords = mask.nonzero()                                   # a host sync, at setup only
@@ -76,43 +82,74 @@ class _MaskedSystem:
         b, y, x = coords.unbind(1)
         counts = torch.bincount(b, minlength=batch)
         max_count = int(counts.max()) if count else 0             # host sync, at setup
-        # padding is inert, so a few spare columns cost little and let shapes repeat
-        length = _bucket(max_count + 1) if bucket else max_count + 1
-        first = torch.cumsum(counts, 0) - counts
-        column = b * length + (torch.arange(count, device=device) - first[b])
         pixel = (b * height + y) * width + x                      # index into (B, H, W)
-        column_of = torch.full((batch * height * width,), -1, dtype=torch.long, device=device)
-        column_of[pixel] = column
-        sentinel = (torch.arange(batch * length, device=device) // length + 1) * length - 1
-        neighbours = sentinel.repeat(4, 1)                        # padding points at a zero
+        index_of = torch.full((batch * height * width,), -1, dtype=torch.long, device=device)
+        index_of[pixel] = torch.arange(count, device=device)
         steps = torch.tensor(_NEIGHBOURS, device=device)          # (4, 2): (dy, dx) per side
         dy, dx = steps[:, :1], steps[:, 1:]
         inside = (y + dy >= 0) & (y + dy < height) & (x + dx >= 0) & (x + dx < width)  # (4, N)
         # a neighbour outside the image is replaced by the pixel itself in the right-hand
-        # side (its difference is then zero: the natural boundary condition) and by the
-        # sentinel in A (no coupling)
+        # side (its difference is then zero: the natural boundary condition) and gets no
+        # coupling in A
         offsets = torch.where(inside, dy * width + dx, 0)
-        found = column_of[pixel + offsets]
+        found = index_of[pixel + offsets]                         # (4, N): masked pixel or -1
         coupled = inside & (found >= 0)                           # neighbour in Ω
-        neighbours[:, column] = torch.where(coupled, found, sentinel[column])
-        stride = torch.arange(channels, device=device)[:, None] * (batch * length)
-        # positions in the flattened (C, B, L) tensor, laid out (4, C, B·L)
-        self.neighbours = (neighbours[:, None, :] + stride[None]).flatten()
         degree = inside.sum(0)
         self.open_edges = degree - coupled.sum(0)                 # edges from Ω to ∂Ω
         self.pixel_degree = degree
+        self.max_count = max_count
+        self.item, self.coords, self.offsets = b, coords, offsets
+        self.count, self.batch, self.channels = count, batch, channels
+        self.height, self.width, self.dtype = height, width, dtype
+        self._coupled, self._found, self._counts = coupled, found, counts
+        self._box: tuple[Tensor, Tensor, int, int] | None = None
+        if padded:
+            self._pad(bucket)
+
+    def _pad(self, bucket: bool) -> None:
+        """The padded (C, B, L) layout of conjugate gradients (see the class docstring)."""
+        device, batch, count, dtype = self.item.device, self.batch, self.count, self.dtype
+        # padding is inert, so a few spare columns cost little and let shapes repeat
+        length = _bucket(self.max_count + 1) if bucket else self.max_count + 1
+        first = torch.cumsum(self._counts, 0) - self._counts
+        column = self.item * length + (torch.arange(count, device=device) - first[self.item])
+        sentinel = (torch.arange(batch * length, device=device) // length + 1) * length - 1
+        neighbours = sentinel.repeat(4, 1)                        # padding points at a zero
+        neighbours[:, column] = torch.where(self._coupled, column[self._found.clamp_min(0)],
+                                            sentinel[column])
+        stride = torch.arange(self.channels, device=device)[:, None] * (batch * length)
+        # positions in the flattened (C, B, L) tensor, laid out (4, C, B·L)
+        self.neighbours = (neighbours[:, None, :] + stride[None]).flatten()
         full_degree = torch.zeros(batch * length, dtype=dtype, device=device)
-        full_degree[column] = degree.to(dtype)
+        full_degree[column] = self.pixel_degree.to(dtype)
         self.degree = full_degree.view(1, batch, length)
         # on the CPU, knowing that no masked pixel is on the border saves a multiply per
         # iteration; on a GPU the check would cost a host sync for less than that
-        self.uniform_degree = (device.type == "cpu" and (not count or bool((degree == 4).all())))
+        self.uniform_degree = (device.type == "cpu"
+                               and (not count or bool((self.pixel_degree == 4).all())))
         self.inverse_degree = torch.where(self.degree > 0, 1 / self.degree.clamp_min(1), 0)
-        self.max_count = max_count
-        self.item, self.coords, self.offsets, self.column = b, coords, offsets, column
-        self.count, self.batch, self.channels, self.length = count, batch, channels, length
-        self.height, self.width, self.dtype = height, width, dtype
-        self._box: tuple[Tensor, Tensor, int, int] | None = None
+        self.column, self.length = column, length
+
+    def sparse_matrix(self) -> scipy.sparse.csc_matrix:
+        """A of the whole batch as a (N, N) float64 SciPy matrix, block-diagonal by item, rows
+        in the order of the masked pixels (that of :meth:`rhs`); for the direct solver.
+
+        Built row by row in compressed form: in raster order a pixel's neighbours up and left
+        come before it, right and down after it, so each row's entries are already sorted;
+        A is symmetric, so its compressed rows are its compressed columns.
+        """
+        found = self._found.cpu().numpy()
+        keep = self._coupled.cpu().numpy()
+        diagonal = np.arange(self.count)
+        # per row: up, left, the diagonal, right, down (the order of _NEIGHBOURS around it)
+        indices = np.stack([found[0], found[1], diagonal, found[2], found[3]], axis=1)
+        present = np.stack([keep[0], keep[1], np.ones(self.count, bool), keep[2], keep[3]],
+                           axis=1)
+        values = np.where(present, -1.0, 0.0)
+        values[:, 2] = self.pixel_degree.cpu().numpy()
+        indptr = np.concatenate([[0], np.cumsum(present.sum(1))])
+        return scipy.sparse.csc_matrix((values[present], indices[present], indptr),
+                                       shape=(self.count, self.count))
 
     # ---- pixels <-> columns
     def flat_index(self) -> Tensor:
