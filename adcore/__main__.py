@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="contrastive objective added to the flow loss (cflow only)")
     repro.add_argument("--backbone", default=None, help="feature extractor (cflow only)")
     repro.add_argument("--fast", action="store_true", help="the CI-sized run (tiny and quick)")
+    repro.add_argument("--stage-threads", type=int, default=1,
+                       help="cflow on the CPU: feature stages trained at once, one thread each "
+                            "(same steps; best with as many free cores)")
     repro.add_argument("--force", action="store_true", help="replace an existing --out file")
     repro.add_argument("--out", type=Path, required=True, help="result file (.json)")
 

@@ -42,6 +42,19 @@ def test_fast_synthetic_run_writes_the_contract(tmp_path) -> None:
         run_method(ReproArgs(method="cflow", dataset="synthetic", out=out, fast=True))
 
 
+def test_stage_threads_from_the_command_line_change_nothing_but_the_speed(tmp_path) -> None:
+    from adcore.__main__ import main
+
+    results = []
+    for threads in (1, 2):
+        out = tmp_path / f"threads{threads}.json"
+        assert main(["repro", "cflow", "--dataset", "synthetic", "--fast", "--device", "cpu",
+                     "--stage-threads", str(threads), "--out", str(out)]) == 0
+        results.append(json.loads(out.read_text()))
+    assert [r["config"]["train"]["stage_threads"] for r in results] == [1, 2]
+    assert results[0]["metrics"] == results[1]["metrics"]
+
+
 def test_runner_rejects_other_datasets(tmp_path) -> None:
     with pytest.raises(ValueError, match="cflow runs on synthetic, mvtec or cracks"):
         repro_cflow.run(ReproArgs(method="cflow", dataset="ucsd-ped1", out=tmp_path / "x.json",

@@ -133,7 +133,8 @@ def run(args: ReproArgs) -> dict[str, Any]:
         train_config = CFlowTrainConfig(
             epochs=args.epochs or preset["epochs"], batch_size=min(preset["batch_size"],
                                                                    len(train_ds)),
-            fiber_batch=preset["fiber_batch"], seed=args.seed)
+            fiber_batch=preset["fiber_batch"], seed=args.seed,
+            stage_threads=args.stage_threads)
 
     kwargs: dict[str, Any] = {}
     if contrastive_setup is not None and contrastive_setup["contrastive"] is not None:

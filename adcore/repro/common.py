@@ -61,6 +61,7 @@ class ReproArgs:
     backbone: str | None = None
     fast: bool = False
     force: bool = False
+    stage_threads: int = 1
 
 
 def resolve_device(args: ReproArgs) -> torch.device:

@@ -246,7 +246,8 @@ def prepare(args: ReproArgs, *, image_size: int | None = None,
     backbone, why = choose_backbone(args.backbone, settings["fast"])
     train_config = paper_train_config(epochs=settings["epochs"],
                                       batch_size=min(settings["batch_size"], len(train)),
-                                      fiber_batch=settings["fiber_batch"], seed=args.seed)
+                                      fiber_batch=settings["fiber_batch"], seed=args.seed,
+                                      stage_threads=args.stage_threads)
     contrastive = make_contrastive(args.loss, flow_loss=train_config.flow_loss)
     augmentation: dict[str, Any] | None = None
     augment = None
