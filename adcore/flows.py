@@ -258,6 +258,9 @@ class GridCondition:
 
 Condition = Tensor | GridCondition
 
+#: elements of the (N, blocks * hidden) condition terms computed at once (64 MB in float32)
+_CONDITION_TERMS_BUDGET = 1 << 24
+
 
 def _condition_terms(condition: Condition, weights: Sequence[Tensor], biases: Sequence[Tensor],
                      passive: int) -> Tensor:
@@ -301,14 +304,20 @@ def _fused_forward(x: Tensor, condition: Condition, blocks: Sequence[Conditional
     # (u * g + b) R^T as one matrix product per block: u (g R^T) + b R^T.
     mixing = (rotation * g).transpose(1, 2)
     shift = torch.bmm(torch.stack(params[5::6]), rotation.transpose(1, 2))  # (K, 1, C)
-    condition_terms = _condition_terms(condition, w1, b1, passive)
     width = w1[0].shape[0]
+    # the condition's share of the first layers, for as many blocks at once as fit the budget
+    # (all eight for a fiber batch; one at a time for the large chunks of inference)
+    group = max(1, min(len(blocks), _CONDITION_TERMS_BUDGET // max(1, x.shape[0] * width)))
     tanh_sum = x.new_zeros(x.shape[0])
     saved = []
     for index in range(len(blocks)):
+        if index % group == 0:
+            terms = _condition_terms(condition, w1[index:index + group],
+                                     b1[index:index + group], passive)
         x1, x2 = x[:, :passive], x[:, passive:]
         # [x1, c] W1^T + b1 = x1 W1x^T + (c W1c^T + b1), without the concatenation.
-        hidden = torch.addmm(condition_terms[:, index * width:(index + 1) * width], x1,
+        column = (index % group) * width
+        hidden = torch.addmm(terms[:, column:column + width], x1,
                              w1[index][:, :passive].t()).relu_()
         # a = 0.1 * subnet output, scaled inside the product
         a = torch.addmm(b2[index], hidden, w2[index].t(), beta=0.1, alpha=0.1)
