@@ -330,9 +330,9 @@ def poisson_blend(target: Tensor, source: Tensor, mask: Tensor, *,
             where a check synchronises with the host).
         solver: ``"cg"`` (conjugate gradients, any device; ``tol``, ``max_iter``,
             ``preconditioner`` and ``check_every`` are its settings), ``"direct"`` (sparse LU
-            of the whole batch, CPU only, exact to rounding) or ``"auto"``: ``"direct"`` on
-            the CPU unless an item is large and compact (or a CG setting is given), ``"cg"``
-            elsewhere.
+            of the whole batch, CPU only, exact to rounding; ``tol`` does not apply) or
+            ``"auto"``: ``"direct"`` on the CPU unless an item is large and compact or
+            ``max_iter``, ``preconditioner`` or ``check_every`` is given, ``"cg"`` elsewhere.
 
     Returns:
         (B, C, H, W), the target's dtype and device.
