@@ -58,6 +58,21 @@ def test_notebook_is_small_and_stripped(path: Path) -> None:
             assert output.get("output_type") != "error", f"{path.name} was committed with an error"
 
 
+DRAWS = re.compile(r"^(?!\s*#).*(plt\.subplots\(|plt\.figure\(|viz\.show_\w+\()", re.M)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_that_draws_was_committed_with_its_figures(path: Path) -> None:
+    """Executing with a non-inline matplotlib backend (MPLBACKEND=Agg) silently drops every
+    figure; the committed chapter must show what its code draws."""
+    cells = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+    if not any(DRAWS.search("".join(c["source"])) for c in cells):
+        return
+    figures = sum("image/png" in o.get("data", {}) for c in cells for o in c.get("outputs", []))
+    assert figures > 0, (f"{path.name} draws figures but was committed without any: execute it "
+                         "with the inline backend (no MPLBACKEND=Agg), e.g. tests/nbtools.py")
+
+
 SECRET = re.compile(r"((?i:api[_-]?key|secret[_-]?key|password)\s*[=:]|token\s*=\s*['\"]\w{12,}|"
                     r"-----BEGIN [A-Z ]*PRIVATE KEY|AKIA[0-9A-Z]{16}|ghp_[0-9A-Za-z]{20,})")
 ABSOLUTE = re.compile(r"(/(work|root)/|/home/[a-z][\w.-]*/|/tmp/[a-z]|/Users/\w+/|[A-Z]:\\\\Users)")
