@@ -25,6 +25,7 @@ from adcore.poisson import (
     poisson_blend_info,
     poisson_solve_rectangle,
 )
+from adcore.poisson.capacitance import torus_green
 
 NEIGHBOURS = ((-1, 0), (1, 0), (0, -1), (0, 1))
 
@@ -132,6 +133,77 @@ def test_matches_direct_solve_with_masks_touching_every_border() -> None:
         np.testing.assert_allclose(direct[b].numpy(), expected, atol=1e-5, rtol=0)
 
 
+def off_border_case(seed: int, batch: int = 3, height: int = 29,
+                    width: int = 24) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Irregular masks (holes, several components) kept off the image's outermost ring."""
+    target, source, mask = random_case(seed, batch=batch, height=height, width=width,
+                                       threshold=0.0)
+    mask[..., [0, -1], :] = False
+    mask[..., :, [0, -1]] = False
+    return target.double(), source.double(), mask
+
+
+def test_capacitance_matches_sparse_direct_solve_to_rounding() -> None:
+    target, source, mask = off_border_case(seed=11)
+    mask[1] = False                                            # an empty item in the batch
+    out, info = poisson_blend_info(target, source, mask, solver="capacitance")
+    assert info.solver == "capacitance" and info.residual < 1e-10
+    for b in range(target.shape[0]):
+        expected = perez_direct(target[b].numpy(), source[b].numpy(), mask[b, 0].numpy())
+        np.testing.assert_allclose(out[b].numpy(), expected, atol=1e-11, rtol=0)
+    assert torch.equal(out[1], target[1])
+    # float32 images: the solve runs in float64, the result is rounded once
+    out32 = poisson_blend(target.float(), source.float(), mask, solver="capacitance")
+    assert out32.dtype == torch.float32
+    torch.testing.assert_close(out32.double(), out, atol=1e-6, rtol=0)
+
+
+def test_torus_green_function_inverts_the_periodic_laplacian() -> None:
+    for rows, cols in ((8, 8), (9, 14), (15, 7)):
+        green, spectrum = torus_green(rows, cols)
+        around = sum(np.roll(green, step, axis) for step in (1, -1) for axis in (0, 1))
+        expected = -np.full((rows, cols), 1 / (rows * cols))
+        expected[0, 0] += 1
+        np.testing.assert_allclose(4 * green - around, expected, atol=1e-12)
+        assert abs(green.sum()) < 1e-10 and spectrum.shape == (rows, cols // 2 + 1)
+
+
+def test_auto_chooses_the_capacitance_method_for_compact_masks_only() -> None:
+    size = 64
+    y, x = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    disc = ((x - 30) ** 2 + (y - 33) ** 2 <= 14**2)[None, None]
+    line = torch.zeros_like(disc)
+    line[..., 30:32, 4:60] = True                                  # a crack-like stroke
+    touching = disc | (x < 3)[None, None]
+    gen = torch.Generator().manual_seed(1)
+    target, source = torch.rand(2, 1, 3, size, size, generator=gen, dtype=torch.float64)
+    expected = {"disc": "capacitance", "line": "direct", "touching": "direct"}
+    for name, where in (("disc", disc), ("line", line), ("touching", touching)):
+        out, info = poisson_blend_info(target, source, where)
+        assert info.solver == expected[name], name
+        reference = poisson_blend(target, source, where, solver="direct")
+        torch.testing.assert_close(out, reference, atol=1e-10, rtol=0)
+    assert poisson_blend_info(target, source, disc, guidance="mixed")[1].solver == "direct"
+    # settings of the iterations ask for CG
+    assert poisson_blend_info(target, source, disc, max_iter=500)[1].solver == "cg"
+    # a batch is solved by one method: a thin item sends the whole batch to the sparse LU
+    both = torch.cat([disc, line])
+    assert poisson_blend_info(target.expand(2, -1, -1, -1), source.expand(2, -1, -1, -1),
+                              both)[1].solver == "direct"
+
+
+def test_capacitance_refuses_what_it_cannot_solve() -> None:
+    target, source, mask = off_border_case(seed=2, batch=2)
+    with pytest.raises(ValueError, match="guidance='source'.*not guidance='mixed'"):
+        poisson_blend(target, source, mask, guidance="mixed", solver="capacitance")
+    border = mask.clone()
+    border[1, 0, 5, 0] = True
+    with pytest.raises(ValueError, match="mask of item 1 touches the image border"):
+        poisson_blend(target, source, border, solver="capacitance")
+    with pytest.raises(ValueError, match="preconditioner='dst' is a setting of solver='cg'"):
+        poisson_blend(target, source, mask, solver="capacitance", preconditioner="dst")
+
+
 def test_analytic_quadratic_plus_harmonic_on_a_disc() -> None:
     """Source g = a(x² + y²) has a constant discrete Laplacian; h = b(x² - y²) + c·xy is
     discrete-harmonic. With the target equal to g + h around the disc (and noise inside it),
@@ -212,7 +284,7 @@ def test_preconditioners_agree_and_dst_needs_fewer_iterations_on_a_fat_mask() ->
     b, info_dst = poisson_blend_info(target, source, disc, preconditioner="dst")
     torch.testing.assert_close(a, b, atol=5e-4, rtol=0)
     assert info_dst.iterations < info_jacobi.iterations / 4, (info_dst, info_jacobi)
-    _, info_auto = poisson_blend_info(target, source, disc)
+    _, info_auto = poisson_blend_info(target, source, disc, solver="cg")
     assert info_auto.preconditioner == "dst"
     ring = disc & ~(((x - 62) ** 2 + (y - 65) ** 2) <= 50**2)[None, None]  # thin, sprawling
     line = torch.zeros_like(disc)
@@ -224,7 +296,11 @@ def test_preconditioners_agree_and_dst_needs_fewer_iterations_on_a_fat_mask() ->
         assert info_other.preconditioner == "jacobi"
         # on the CPU, "auto" factorises these: thin, sprawling or touching the border
         assert poisson_blend_info(target, source, other)[1].solver == "direct"
-    assert info_auto.solver == "cg"   # large and compact: CG with the sine transform
+    # large and compact: the capacitance method for the paper's guidance; CG with the sine
+    # transform for the mixed one, which the capacitance method does not solve
+    assert poisson_blend_info(target, source, disc)[1].solver == "capacitance"
+    _, info_mixed = poisson_blend_info(target, source, disc, guidance="mixed")
+    assert info_mixed.solver == "cg" and info_mixed.preconditioner == "dst"
 
 
 def test_gradients_match_finite_differences() -> None:
@@ -236,11 +312,16 @@ def test_gradients_match_finite_differences() -> None:
     mask[0, 0, 1:5, 2:5] = True
     mask[0, 0, 0, 0] = True
     mask[1, 0, 3:, 1:3] = True
-    for guidance, solver in (("source", "cg"), ("mixed", "cg"), ("source", "direct"),
-                             ("mixed", "direct")):
+    off_border = torch.zeros_like(mask)
+    off_border[0, 0, 1:5, 2:5] = True
+    off_border[1, 0, 3:5, 1:3] = True
+    off_border[1, 0, 2, 4] = True
+    for guidance, solver, where in (("source", "cg", mask), ("mixed", "cg", mask),
+                                    ("source", "direct", mask), ("mixed", "direct", mask),
+                                    ("source", "capacitance", off_border)):
         def blend(t: torch.Tensor, s: torch.Tensor, guidance: str = guidance,
-                  solver: str = solver) -> torch.Tensor:
-            return poisson_blend(t, s, mask, guidance=guidance, tol=1e-13, solver=solver)
+                  solver: str = solver, where: torch.Tensor = where) -> torch.Tensor:
+            return poisson_blend(t, s, where, guidance=guidance, tol=1e-13, solver=solver)
         # fast_mode checks random projections of the Jacobian: enough, and far fewer solves
         assert torch.autograd.gradcheck(blend, (target, source), atol=1e-7, fast_mode=True)
 

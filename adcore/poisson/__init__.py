@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from adcore.poisson import capacitance
 from adcore.poisson.direct import SolveFactored, factorize
 from adcore.poisson.masked_cg import (
     SolveInfo,
@@ -76,11 +77,11 @@ __all__ = [
 
 Guidance = Literal["source", "mixed"]
 Preconditioner = Literal["auto", "jacobi", "dst"]
-Solver = Literal["auto", "cg", "direct"]
+Solver = Literal["auto", "cg", "direct", "capacitance"]
 
 _GUIDANCES = ("source", "mixed")
 _PRECONDITIONERS = ("auto", "jacobi", "dst")
-_SOLVERS = ("auto", "cg", "direct")
+_SOLVERS = ("auto", "cg", "direct", "capacitance")
 #: "auto" on the CPU factorises A unless an item is compact (as for the DST rule below) and
 #: larger than this many pixels: the fill of a 2-D domain then makes the factorisation slower
 #: than CG with the sine-transform preconditioner (measured with ``benchmarks/poisson.py``:
@@ -147,9 +148,9 @@ def _check_settings(tol: float, max_iter: int | None, preconditioner: str,
                     solver: str = "cg") -> None:
     if solver not in _SOLVERS:
         raise ValueError(f"solver={solver!r}; expected one of {_SOLVERS}")
-    if solver == "direct" and preconditioner != "auto":
+    if solver in ("direct", "capacitance") and preconditioner != "auto":
         raise ValueError(f"preconditioner={preconditioner!r} is a setting of solver='cg'; "
-                         "the direct solver has none")
+                         f"solver={solver!r} has none")
     if not (isinstance(tol, int | float) and math.isfinite(tol) and tol > 0):
         raise ValueError(f"tol={tol!r}; expected a positive relative residual such as 1e-5")
     if max_iter is not None and (not isinstance(max_iter, int) or max_iter < 1):
@@ -210,8 +211,8 @@ def poisson_blend_info(target: Tensor, source: Tensor, mask: Tensor, *,
 def _blend(target: Tensor, source: Tensor, mask: Tensor, *, guidance: str, tol: float,
            max_iter: int | None, preconditioner: str, check_every: int | None, solver: str,
            measure: bool) -> tuple[Tensor, SolveInfo]:
-    """Both public functions; ``measure``: compute the direct solver's residual (one more
-    sparse product, which :func:`poisson_blend` does not need)."""
+    """Both public functions; ``measure``: compute the residual of the direct solvers (one
+    more sparse product, which :func:`poisson_blend` does not need)."""
     _check_settings(tol, max_iter, preconditioner, solver)
     if check_every is not None and (not isinstance(check_every, int) or check_every < 1):
         raise ValueError(f"check_every={check_every!r}; expected a positive int or None")
@@ -222,24 +223,102 @@ def _blend(target: Tensor, source: Tensor, mask: Tensor, *, guidance: str, tol: 
     out_dtype = target.dtype
     work = torch.float64 if out_dtype == torch.float64 else torch.float32
     target_w, source_w = target.to(work), source.to(work)
-    system = _MaskedSystem(mask_bool, target.shape[1], work, padded=False)
-    if system.max_count == mask_bool[0].numel():
-        item = int(mask_bool.flatten(1).all(1).nonzero()[0, 0])
-        raise ValueError(f"mask of item {item} covers the whole image: Ω then has no boundary "
-                         "and the Poisson problem no unique solution; expected at least one "
-                         "unmasked pixel")
-    if system.count == 0:
+    cg_asked = preconditioner != "auto" or max_iter is not None or check_every is not None
+    geometries = None
+    if solver == "capacitance" or (solver == "auto" and not cg_asked
+                                   and target.device.type == "cpu" and guidance == "source"):
+        # (a mask covering the whole image touches its border: the plan declines it)
+        geometries = _capacitance_plan(mask_bool, guidance, required=solver == "capacitance")
+        if geometries is not None:
+            solver = "capacitance"
+    if geometries is None:
+        counts = mask_bool.flatten(1).sum(1).tolist()                 # one host sync
+        if max(counts) == mask_bool[0].numel():
+            item = counts.index(max(counts))
+            raise ValueError(f"mask of item {item} covers the whole image: Ω then has no "
+                             "boundary and the Poisson problem no unique solution; expected "
+                             "at least one unmasked pixel")
+        empty = sum(counts) == 0
+    else:
+        empty = all(geometry.area == 0 for geometry in geometries)
+    if empty:
         return target.clone(), SolveInfo(0, 0.0, True, "jacobi" if preconditioner == "auto"
                                          else preconditioner, "cg" if solver == "auto" else solver)
+    if solver == "capacitance":
+        inside, index = capacitance.blend_inside(target_w, source_w, geometries)
+        residual = (_capacitance_residual(mask_bool, target_w, source_w, inside)
+                    if measure else float("nan"))
+        info = SolveInfo(0, residual, True, "none", "capacitance")
+    else:
+        inside, index, info = _solve_masked(target_w, source_w, mask_bool, guidance=guidance,
+                                            tol=tol, max_iter=max_iter,
+                                            preconditioner=preconditioner,
+                                            check_every=check_every, solver=solver,
+                                            cg_asked=cg_asked, measure=measure)
+    # outside Ω the result is a copy of the target, bit for bit
+    blended = target.flatten().index_put((index.flatten(),), inside.to(out_dtype).flatten())
+    return blended.view_as(target), info
+
+
+def _capacitance_plan(mask: Tensor, guidance: str,
+                      required: bool) -> list[capacitance.ItemGeometry] | None:
+    """The items' geometries when the capacitance method applies (and, unless ``required``,
+    when every item is compact enough for it to be the fast choice); None otherwise.
+
+    Raises:
+        ValueError: ``required`` and the method does not apply (a reason is given).
+    """
+    if guidance != "source":
+        if required:
+            raise ValueError(f"solver='capacitance' solves the paper's guidance only "
+                             f"(guidance='source', v = ∇source), not guidance={guidance!r}; "
+                             "use solver='direct' or 'cg'")
+        return None
+    geometries = []
+    for item in range(mask.shape[0]):
+        geometry = capacitance.item_geometry(mask[item], item)
+        if isinstance(geometry, str):
+            if required:
+                raise ValueError(f"solver='capacitance' does not apply: {geometry}; use "
+                                 "solver='direct' or 'cg'")
+            return None
+        ring, area = geometry.ring_count, geometry.area
+        if ring > capacitance.MAX_RING:
+            if required:
+                raise ValueError(f"solver='capacitance': the mask of item {item} has {ring} "
+                                 f"boundary pixels, over the {capacitance.MAX_RING} whose dense "
+                                 "factorisation stays affordable; use solver='direct'")
+            return None
+        if not required and ring > capacitance.AUTO_RING_PER_ROOT_AREA * math.sqrt(area):
+            return None                          # thin (a crack): the sparse LU is faster
+        geometries.append(geometry)
+    return geometries
+
+
+def _capacitance_residual(mask: Tensor, target: Tensor, source: Tensor, inside: Tensor) -> float:
+    """The relative residual of the capacitance solve in the masked system's terms."""
+    system = _MaskedSystem(mask, target.shape[1], target.dtype, padded=False)
+    index = system.flat_index()
+    target_in = target.take(index).double()
+    start = source.take(index).double() - target_in
+    rhs = system.rhs(target, source, "source").double()
+    return _relative_residual(system.sparse_matrix(), system, rhs, inside - target_in, start)
+
+
+def _solve_masked(target_w: Tensor, source_w: Tensor, mask_bool: Tensor, *, guidance: str,
+                  tol: float, max_iter: int | None, preconditioner: str,
+                  check_every: int | None, solver: str, cg_asked: bool,
+                  measure: bool) -> tuple[Tensor, Tensor, SolveInfo]:
+    """Sparse LU or CG on the masked system; returns (values at Ω, their positions, info)."""
+    system = _MaskedSystem(mask_bool, target_w.shape[1], target_w.dtype, padded=False)
     if solver == "auto":
         # settings of the iterations, or a GPU, mean CG; on the CPU, factorise unless large
         # and compact
-        cg_asked = preconditioner != "auto" or max_iter is not None or check_every is not None
-        solver = "cg" if cg_asked or target.device.type != "cpu" else (
+        solver = "cg" if cg_asked or target_w.device.type != "cpu" else (
             "cg" if system.max_count > _AUTO_DIRECT_MAX_COMPACT and _compact(system)
             else "direct")
     if solver == "cg":
-        system._pad(bucket=_use_cuda_graph(target))
+        system._pad(bucket=_use_cuda_graph(target_w))
         if preconditioner == "auto":
             preconditioner = "dst" if _compact(system) else "jacobi"
     index = system.flat_index()
@@ -258,10 +337,10 @@ def _blend(target: Tensor, source: Tensor, mask: Tensor, *, guidance: str, tol: 
     else:
         if max_iter is None:
             # CG converges in at most N steps in exact arithmetic; float32 needs some slack.
-            max_iter = max(50, 4 * (target.shape[-2] + target.shape[-1]))
+            max_iter = max(50, 4 * (target_w.shape[-2] + target_w.shape[-1]))
         if check_every is None:
             # on the CPU a convergence check costs nothing; on a GPU it syncs with the host
-            check_every = 1 if target.device.type == "cpu" else 8
+            check_every = 1 if target_w.device.type == "cpu" else 8
         report: list[SolveInfo] = []
         settings = {"tol": tol, "max_iter": max_iter, "preconditioner": preconditioner,
                     "check_every": check_every}
@@ -272,11 +351,8 @@ def _blend(target: Tensor, source: Tensor, mask: Tensor, *, guidance: str, tol: 
     if not info.converged:
         warnings.warn(f"Poisson solve did not converge: relative residual {info.residual:.2e} "
                       f"> tol={tol:g} after {info.iterations} iterations; raise max_iter or tol",
-                      RuntimeWarning, stacklevel=3)
-    inside = (target_in + u).to(out_dtype)
-    # outside Ω the result is a copy of the target, bit for bit
-    blended = target.flatten().index_put((index.flatten(),), inside.flatten())
-    return blended.view_as(target), info
+                      RuntimeWarning, stacklevel=4)
+    return target_in + u, index, info
 
 
 def _compact(system: _MaskedSystem) -> bool:
