@@ -3,17 +3,18 @@
 CPU: per-image time on 256×256 RGB images with a crack mask, one image at a time and one
 thread each (how a data-loader worker runs them), for
 
-- ``adcore exact``: :func:`adcore.poisson.poisson_blend` with its defaults (on the CPU
-  the sparse LU factorisation, or CG with the sine-transform preconditioner for large compact
-  masks),
+- ``adcore exact``: :func:`adcore.poisson.poisson_blend` with its defaults (on the CPU the
+  capacitance-matrix method for compact masks off the image border, the sparse LU
+  factorisation otherwise),
+- ``adcore exact, LU``: the same with ``solver="direct"`` (the sparse LU for every mask),
 - ``adcore exact, CG``: the same with ``solver="cg"`` (tol 1e-4), the GPU's method,
 - ``adcore box``: :func:`adcore.poisson.poisson_blend_box` (OpenCV's bounding-box approximation),
 - ``cv2``: ``cv2.seamlessClone(..., NORMAL_CLONE)`` (also the bounding-box approximation),
 
 and the ratio adcore exact / cv2 (below 1: adcore is faster). Crack masks come from the
-DeepCrack subset in ``../shared/data`` when it exists, else from adcore's synthetic cracks
-(``--masks synthetic`` forces these). A compact "blob" mask is timed as well, the case where
-the sine-transform preconditioner takes over.
+DeepCrack subset in ``../shared/data`` when it exists, and from adcore's synthetic cracks
+(small ones: ``--masks synthetic`` times these only, ``--masks deepcrack`` the others only).
+Compact "blob" masks are timed as well, the case of the capacitance method.
 
 CUDA (when available): one batch of 64 such images, median of repeated timed calls.
 
@@ -130,6 +131,9 @@ def cpu_table(targets: np.ndarray, sources: np.ndarray, masks: list[np.ndarray],
     def exact(i: int) -> None:
         poisson_blend(t[i:i + 1], s[i:i + 1], m[i:i + 1])
 
+    def exact_lu(i: int) -> None:
+        poisson_blend(t[i:i + 1], s[i:i + 1], m[i:i + 1], solver="direct")
+
     def exact_cg(i: int) -> None:
         _, info = poisson_blend_info(t[i:i + 1], s[i:i + 1], m[i:i + 1], solver="cg")
         iterations.append((info.iterations, info.preconditioner))
@@ -140,11 +144,12 @@ def cpu_table(targets: np.ndarray, sources: np.ndarray, masks: list[np.ndarray],
     def opencv(i: int) -> None:
         cv2.seamlessClone(s8[i], t8[i], m8[i], centres[i], cv2.NORMAL_CLONE)
 
-    # interleave the three so that load on a shared machine hits them alike
-    times = {"adcore exact": [], "adcore exact, CG": [], "adcore box": [],
-             "cv2 seamlessClone": []}
+    # interleave them so that load on a shared machine hits them alike
+    times = {"adcore exact": [], "adcore exact, LU": [], "adcore exact, CG": [],
+             "adcore box": [], "cv2 seamlessClone": []}
     for _ in range(3):
         times["adcore exact"].append(time_per_image(exact, count, repeats=1))
+        times["adcore exact, LU"].append(time_per_image(exact_lu, count, repeats=1))
         times["adcore exact, CG"].append(time_per_image(exact_cg, count, repeats=1))
         times["adcore box"].append(time_per_image(box, count, repeats=1))
         times["cv2 seamlessClone"].append(time_per_image(opencv, count, repeats=1))
@@ -153,7 +158,7 @@ def cpu_table(targets: np.ndarray, sources: np.ndarray, masks: list[np.ndarray],
     its = [n for n, _ in iterations]
     used = sorted({name for _, name in iterations})
     print(f"\n{label}: {count} images, mean mask area {100 * area:.1f} %; default solver "
-          f"{', '.join(sorted(set(solvers)))}; CG: {min(its)}-{max(its)} iterations "
+          f"{', '.join(f'{name} ×{solvers.count(name)}' for name in sorted(set(solvers)))}; CG: {min(its)}-{max(its)} iterations "
           f"(preconditioner {', '.join(used)})")
     for name, seconds in best.items():
         print(f"  {name:<20} {seconds * 1e3:8.2f} ms / image")
@@ -205,8 +210,11 @@ def main() -> None:
     print(f"torch {torch.__version__}, OpenCV {cv2.__version__}, {platform.processor() or platform.machine()}, "
           f"{args.threads} thread(s)")
     masks, origin = crack_masks(args.images, args.masks)
-    targets, sources = images(len(masks))
+    targets, sources = images(args.images)
     cpu_table(targets, sources, masks, f"crack masks from {origin}")
+    if args.masks == "auto" and origin.startswith("DeepCrack"):
+        small, small_origin = crack_masks(args.images, "synthetic")
+        cpu_table(targets, sources, small, f"small crack masks from {small_origin}")
     rng = np.random.default_rng(0)
     blobs = [blob_mask(rng) for _ in range(min(8, len(masks)))]
     cpu_table(targets, sources, blobs, "compact blob masks (radius 15-45 px)")

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.fft
+import scipy.linalg
 import torch
 from torch import Tensor
 
@@ -55,9 +56,12 @@ __all__: list[str] = []
 #: m² · 8 bytes of memory); the sparse LU handles it.
 MAX_RING = 4096
 #: ``solver="auto"`` chooses this method when every item has m ≤ this × √N ring pixels: compact
-#: shapes (a disc has m ≈ 4.4 √N; a square 4 √N; a crack far more). Measured with
-#: ``benchmarks/poisson.py``: for such masks it is 2–4× faster than the sparse LU.
-AUTO_RING_PER_ROOT_AREA = 8.0
+#: shapes (a disc has m ≈ 4.4 √N, a square 4 √N; a thin crack far more). Measured with single
+#: masks on one CPU thread (DeepCrack cracks dilated by 2 px, synthetic cracks, blobs): below
+#: m ≈ 9 √N it beats the sparse LU (1.3–3.6×: 2.4 against 8.6 ms at N = 4114, m = 294), near
+#: it the two are even, and above it the m³ of the dense factorisation loses (51.9 against
+#: 10.0 ms at m = 18 √N).
+AUTO_RING_PER_ROOT_AREA = 9.0
 
 
 @dataclass(frozen=True)
@@ -147,8 +151,8 @@ def torus_green(rows: int, cols: int) -> tuple[np.ndarray, Tensor]:
     return spatial, torch.from_numpy(spectrum)
 
 
-def capacitance_matrix(geometry: ItemGeometry) -> Tensor:
-    """Φ_∂Ω, the m × m capacitance matrix (float64): Φ between every two ring pixels."""
+def capacitance_matrix(geometry: ItemGeometry) -> np.ndarray:
+    """Φ_∂Ω, the m × m capacitance matrix (float64, host): Φ between every two ring pixels."""
     rows, cols = geometry.torus
     green, _ = torus_green(rows, cols)
     ry, rx = geometry.ring_rows, geometry.ring_cols
@@ -160,24 +164,28 @@ def capacitance_matrix(geometry: ItemGeometry) -> Tensor:
     across = np.subtract.outer(rx, rx)
     np.abs(across, out=across)
     flat += across
-    return torch.from_numpy(green.ravel().take(flat)).to(geometry.ring.device)
+    return green.ravel().take(flat)
 
 
-def solve_capacitance(matrix: Tensor, values: Tensor, item: int = 0) -> Tensor:
-    """Φ_∂Ω⁻¹ ``values`` ((m, k) float64) to float64 accuracy, differentiably.
+def solve_capacitance(matrix: np.ndarray, values: Tensor, item: int = 0) -> Tensor:
+    """Φ_∂Ω⁻¹ ``values`` ((m, k) float64 tensor) to float64 accuracy, differentiably.
 
     Φ_∂Ω is well conditioned (its condition number grows like m / 3: 60 for a disc of 3000
     pixels), so a single-precision Cholesky factorisation, twice as fast as a double one,
     followed by one step of iterative refinement in double precision, leaves a relative error
-    of about (κ · 6e-8)², far below float64's use here.
+    of about (κ · 6e-8)², far below float64's use here. The factorisation runs on the host
+    (LAPACK through SciPy: for matrices this small it costs half of torch's call), the solves
+    on the values' device, where autograd follows them.
     """
     try:
-        factor = torch.linalg.cholesky(matrix.float())
-    except torch.linalg.LinAlgError as error:            # not in exact arithmetic: Φ_∂Ω is SPD
+        lower = scipy.linalg.cholesky(matrix.astype(np.float32), lower=True, check_finite=False)
+    except np.linalg.LinAlgError as error:               # not in exact arithmetic: Φ_∂Ω is SPD
         raise RuntimeError(f"capacitance matrix of item {item} (m = {len(matrix)}) is not "
                            "numerically positive definite; use solver='direct'") from error
+    factor = torch.from_numpy(lower).to(values.device)
     first = torch.cholesky_solve(values.float(), factor).double()
-    return first + torch.cholesky_solve((values - matrix @ first).float(), factor).double()
+    residual = values - torch.from_numpy(matrix).to(values.device) @ first
+    return first + torch.cholesky_solve(residual.float(), factor).double()
 
 
 def harmonic_correction(boundary: Tensor, geometry: ItemGeometry) -> Tensor:
