@@ -27,7 +27,7 @@ supported on ∂Ω). One Cholesky factorisation of it serves every channel: solv
 Φ_∂Ω [x, y] = [g − f*, 1], then c = Σx / Σy and σ = x − c y. One FFT convolution evaluates h.
 
 The cost is that of an m × m dense factorisation (m³/3) and of FFTs on the bounding box: for a
-compact mask m grows like √N (a disc of 3000 pixels has m ≈ 250), far below the N-dimensional
+compact mask m grows like √N (a disc of 3000 pixels has m ≈ 175), far below the N-dimensional
 sparse factorisation's fill. For thin masks such as cracks m ≈ 2N and the sparse LU
 (:mod:`adcore.poisson.direct`) is the right method; :func:`adcore.poisson.poisson_blend`
 chooses (``solver="auto"``). Everything after the Cholesky factorisation is a torch
@@ -56,7 +56,7 @@ __all__: list[str] = []
 #: m² · 8 bytes of memory); the sparse LU handles it.
 MAX_RING = 4096
 #: ``solver="auto"`` chooses this method when every item has m ≤ this × √N ring pixels: compact
-#: shapes (a disc has m ≈ 4.4 √N, a square 4 √N; a thin crack far more). Measured with single
+#: shapes (a disc has m ≈ 3.2 √N, a square 4 √N; a thin crack far more). Measured with single
 #: masks on one CPU thread (DeepCrack cracks dilated by 2 px, synthetic cracks, blobs): below
 #: m ≈ 9 √N it beats the sparse LU (1.3–3.6×: 2.4 against 8.6 ms at N = 4114, m = 294), near
 #: it the two are even, and above it the m³ of the dense factorisation loses (51.9 against
@@ -188,6 +188,24 @@ def solve_capacitance(matrix: np.ndarray, values: Tensor, item: int = 0) -> Tens
     return first + torch.cholesky_solve(residual.float(), factor).double()
 
 
+def ring_charges(boundary: Tensor, geometry: ItemGeometry) -> tuple[Tensor, Tensor]:
+    """The charges σ on ∂Ω and the constant c of h = Φ ⋆ σ + c, for h = ``boundary`` on ∂Ω.
+
+    Args:
+        boundary: (C, m) float64, the values on the ring pixels (raster order).
+
+    Returns:
+        σ (m, C), summing to zero per channel, and c (C,); both float64, differentiable.
+    """
+    # one solve for every channel and for the constant: Φ_∂Ω [x, y] = [boundary, 1]
+    both = solve_capacitance(capacitance_matrix(geometry),
+                             torch.cat([boundary.T, boundary.new_ones(boundary.shape[1], 1)], 1),
+                             geometry.item)
+    x, unit = both[:, :-1], both[:, -1:]
+    shift = x.sum(0) / unit.sum()                                # c per channel: 1ᵀσ = 0
+    return x - unit * shift, shift
+
+
 def harmonic_correction(boundary: Tensor, geometry: ItemGeometry) -> Tensor:
     """h on Ω for h = ``boundary`` on ∂Ω and L h = 0 on Ω (differentiable w.r.t. ``boundary``).
 
@@ -199,13 +217,7 @@ def harmonic_correction(boundary: Tensor, geometry: ItemGeometry) -> Tensor:
     """
     rows, cols = geometry.torus
     _, spectrum = torus_green(rows, cols)
-    # one solve for every channel and for the constant: Φ_∂Ω [x, y] = [boundary, 1]
-    both = solve_capacitance(capacitance_matrix(geometry),
-                             torch.cat([boundary.T, boundary.new_ones(boundary.shape[1], 1)], 1),
-                             geometry.item)
-    x, unit = both[:, :-1], both[:, -1:]
-    shift = x.sum(0) / unit.sum()                                # c per channel: 1ᵀσ = 0
-    charges = x - unit * shift                                   # σ, (m, C)
+    charges, shift = ring_charges(boundary, geometry)
     # σ on the torus grid, every channel: an out-of-place copy, so autograd follows it
     grid = boundary.new_zeros(boundary.shape[0], rows * cols).index_copy(
         1, geometry.ring_torus, charges.T)
