@@ -302,7 +302,9 @@ def _capacitance_plan(mask: Tensor, guidance: str,
 
 
 def _capacitance_residual(mask: Tensor, target: Tensor, source: Tensor, inside: Tensor) -> float:
-    """The relative residual of the capacitance solve in the masked system's terms."""
+    """The relative residual of the capacitance solve in the masked system's terms (on the
+    host, with SciPy's sparse product)."""
+    mask, target, source, inside = (t.detach().cpu() for t in (mask, target, source, inside))
     system = _MaskedSystem(mask, target.shape[1], target.dtype, padded=False)
     index = system.flat_index()
     target_in = target.take(index).double()
