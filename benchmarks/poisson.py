@@ -4,8 +4,7 @@ CPU: per-image time on 256×256 RGB images with a crack mask, one image at a tim
 thread each (how a data-loader worker runs them), for
 
 - ``adcore exact``: :func:`adcore.poisson.poisson_blend` with its defaults (on the CPU the
-  capacitance-matrix method for compact masks off the image border, the sparse LU
-  factorisation otherwise),
+  capacitance-matrix method for compact masks, the sparse LU factorisation otherwise),
 - ``adcore exact, LU``: the same with ``solver="direct"`` (the sparse LU for every mask),
 - ``adcore exact, CG``: the same with ``solver="cg"`` (tol 1e-4), the GPU's method,
 - ``adcore box``: :func:`adcore.poisson.poisson_blend_box` (OpenCV's bounding-box approximation),

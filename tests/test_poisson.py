@@ -158,6 +158,34 @@ def test_capacitance_matches_sparse_direct_solve_to_rounding() -> None:
     torch.testing.assert_close(out32.double(), out, atol=1e-6, rtol=0)
 
 
+def test_capacitance_mirrors_masks_on_the_image_border() -> None:
+    """At the border the natural boundary condition is a mirror: the capacitance method
+    reflects the mask across it and still gives Eq. 7's exact solution."""
+    rng = np.random.default_rng(3)
+    height, width = 19, 23
+    masks = np.zeros((5, height, width), bool)
+    masks[0, :6, 4:9] = True                                   # on the top border
+    masks[1, 12:, 15:] = True                                  # in the bottom-right corner
+    masks[2, 3:8, :4] = True                                   # on the left border ...
+    masks[2, 10, 0] = True                                     # ... and one pixel on it
+    masks[3, 1:, 1:] = True                                    # all but the top row and ...
+    masks[3, -1, :] = False                                    # ... the bottom one: mirrored
+    masks[3, :, -1] = False                                    # at the corner (1, 1) only
+    masks[4] = blob_mask(rng, height, width, 0.2)
+    masks[4, -1, :] = False
+    masks[4, :, -1] = False
+    target = torch.from_numpy(rng.random((5, 2, height, width)))
+    source = torch.from_numpy(rng.random((5, 2, height, width)))
+    mask = torch.from_numpy(masks)[:, None]
+    out, info = poisson_blend_info(target, source, mask, solver="capacitance")
+    assert info.residual < 1e-10
+    for b in range(5):
+        expected = perez_direct(target[b].numpy(), source[b].numpy(), masks[b])
+        np.testing.assert_allclose(out[b].numpy(), expected, atol=1e-11, rtol=0)
+    # compact on the border: "auto" takes the capacitance method there too
+    assert poisson_blend_info(target[:2], source[:2], mask[:2])[1].solver == "capacitance"
+
+
 def test_torus_green_function_inverts_the_periodic_laplacian() -> None:
     for rows, cols in ((8, 8), (9, 14), (15, 7)):
         green, spectrum = torus_green(rows, cols)
@@ -174,7 +202,7 @@ def test_auto_chooses_the_capacitance_method_for_compact_masks_only() -> None:
     disc = ((x - 30) ** 2 + (y - 33) ** 2 <= 14**2)[None, None]
     line = torch.zeros_like(disc)
     line[..., 30:32, 4:60] = True                                  # a crack-like stroke
-    touching = disc | (x < 3)[None, None]
+    touching = disc | (x < 3)[None, None]                         # top to bottom border
     gen = torch.Generator().manual_seed(1)
     target, source = torch.rand(2, 1, 3, size, size, generator=gen, dtype=torch.float64)
     expected = {"disc": "capacitance", "line": "direct", "touching": "direct"}
@@ -196,10 +224,10 @@ def test_capacitance_refuses_what_it_cannot_solve() -> None:
     target, source, mask = off_border_case(seed=2, batch=2)
     with pytest.raises(ValueError, match="guidance='source'.*not guidance='mixed'"):
         poisson_blend(target, source, mask, guidance="mixed", solver="capacitance")
-    border = mask.clone()
-    border[1, 0, 5, 0] = True
-    with pytest.raises(ValueError, match="mask of item 1 touches the image border"):
-        poisson_blend(target, source, border, solver="capacitance")
+    across = mask.clone()
+    across[1, 0, 5, :] = True                                      # left border to right border
+    with pytest.raises(ValueError, match="mask of item 1 reaches two opposite image borders"):
+        poisson_blend(target, source, across, solver="capacitance")
     with pytest.raises(ValueError, match="preconditioner='dst' is a setting of solver='cg'"):
         poisson_blend(target, source, mask, solver="capacitance", preconditioner="dst")
 
@@ -312,16 +340,12 @@ def test_gradients_match_finite_differences() -> None:
     mask[0, 0, 1:5, 2:5] = True
     mask[0, 0, 0, 0] = True
     mask[1, 0, 3:, 1:3] = True
-    off_border = torch.zeros_like(mask)
-    off_border[0, 0, 1:5, 2:5] = True
-    off_border[1, 0, 3:5, 1:3] = True
-    off_border[1, 0, 2, 4] = True
-    for guidance, solver, where in (("source", "cg", mask), ("mixed", "cg", mask),
-                                    ("source", "direct", mask), ("mixed", "direct", mask),
-                                    ("source", "capacitance", off_border)):
+    # (the masks touch the border: the capacitance method mirrors them)
+    for guidance, solver in (("source", "cg"), ("mixed", "cg"), ("source", "direct"),
+                             ("mixed", "direct"), ("source", "capacitance")):
         def blend(t: torch.Tensor, s: torch.Tensor, guidance: str = guidance,
-                  solver: str = solver, where: torch.Tensor = where) -> torch.Tensor:
-            return poisson_blend(t, s, where, guidance=guidance, tol=1e-13, solver=solver)
+                  solver: str = solver) -> torch.Tensor:
+            return poisson_blend(t, s, mask, guidance=guidance, tol=1e-13, solver=solver)
         # fast_mode checks random projections of the Jacobian: enough, and far fewer solves
         assert torch.autograd.gradcheck(blend, (target, source), atol=1e-7, fast_mode=True)
 

@@ -1,7 +1,7 @@
 """The masked Poisson system solved by the capacitance-matrix method: compact masks, exactly.
 
-For a mask Ω away from the image border and the source's gradient as guidance (the paper's
-choice, Eq. 5–6), the blend is the source minus a discrete-harmonic correction:
+For a mask Ω and the source's gradient as guidance (the paper's choice, Eq. 5–6), the blend
+is the source minus a discrete-harmonic correction:
 
     f = g − h on Ω,   L h = 0 on Ω,   h = g − f* on ∂Ω,
 
@@ -25,6 +25,10 @@ with Φ_∂Ω[i, j] = Φ(p_i − p_j) an m × m symmetric positive definite matr
 submatrix of a positive semi-definite operator whose only null vector, the constant, is not
 supported on ∂Ω). One Cholesky factorisation of it serves every channel: solve
 Φ_∂Ω [x, y] = [g − f*, 1], then c = Σx / Σy and σ = x − c y. One FFT convolution evaluates h.
+
+At the image border the system's natural boundary condition is a mirror: a mask that touches
+a border is reflected across it (:func:`item_geometry`), and the method runs on the doubled
+mask.
 
 The cost is that of an m × m dense factorisation (m³/3) and of FFTs on the bounding box: for a
 compact mask m grows like √N (a disc of 3000 pixels has m ≈ 175), far below the N-dimensional
@@ -102,6 +106,14 @@ def item_geometry(mask: Tensor, item: int) -> ItemGeometry | str:
 
     An empty mask gives a geometry with N = m = 0 (nothing to solve). Host-side (NumPy) work:
     the mask's pixels are listed once, within its bounding box.
+
+    At the image border the masked system has the natural boundary condition: a missing
+    neighbour counts as a copy of the pixel itself. That is a mirror, so a mask touching a
+    border is extended by its reflection across it (rows ``-1 - y`` for the top border), ring
+    included; the harmonic correction on the extended mask is symmetric, and on Ω it is the
+    one sought. Ring pixels of the reflection map back to image pixels (``ring`` then repeats
+    positions). A mask that touches two opposite borders would need infinitely many
+    reflections: the method declines it.
     """
     image = mask.cpu().numpy()
     height, width = image.shape
@@ -111,28 +123,45 @@ def item_geometry(mask: Tensor, item: int) -> ItemGeometry | str:
         empty = torch.zeros(0, dtype=torch.long, device=mask.device)
         return ItemGeometry(item, empty, empty, empty, empty, none, none, (1, 1))
     top, bottom, left, right = int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
-    if top == 0 or left == 0 or bottom == height - 1 or right == width - 1:
-        return (f"the mask of item {item} touches the image border, where the natural boundary "
-                "condition breaks the Green's function's translation invariance")
-    window = image[top - 1:bottom + 2, left - 1:right + 2]     # Ω and its ring
+    if (top == 0 and bottom == height - 1) or (left == 0 and right == width - 1):
+        return (f"the mask of item {item} reaches two opposite image borders, where the natural "
+                "boundary condition would mirror it without end")
+    # image rows and columns of the window that holds Ω and its ring, mirrored at the borders
+    rows = np.arange(max(top - 1, 0), min(bottom + 1, height - 1) + 1)
+    cols = np.arange(max(left - 1, 0), min(right + 1, width - 1) + 1)
+    ys, y0 = _mirrored(rows, top == 0, bottom == height - 1)
+    xs, x0 = _mirrored(cols, left == 0, right == width - 1)
+    window = image[np.ix_(ys, xs)]                 # Ω (and its mirror images) with the ring
     near = np.zeros_like(window)
     near[1:] |= window[:-1]
     near[:-1] |= window[1:]
     near[:, 1:] |= window[:, :-1]
     near[:, :-1] |= window[:, 1:]
+    original = np.zeros_like(window)               # the unmirrored copy of the window
+    original[y0:y0 + len(rows), x0:x0 + len(cols)] = True
     torus = (scipy.fft.next_fast_len(window.shape[0], real=True),
              scipy.fft.next_fast_len(window.shape[1], real=True))
-    shift = (top - 1) * width + left - 1
 
     def positions(y: np.ndarray, x: np.ndarray) -> tuple[Tensor, Tensor]:   # image, torus
-        both = np.stack([y * width + x + shift, y * torus[1] + x]).astype(np.int64)
+        both = np.stack([ys[y] * width + xs[x], y * torus[1] + x]).astype(np.int64)
         return tuple(torch.from_numpy(both).to(mask.device).unbind(0))
 
     ring_rows, ring_cols = (v.astype(np.int32) for v in np.nonzero(near & ~window))
-    inside, inside_torus = positions(*np.nonzero(window))
+    inside, inside_torus = positions(*np.nonzero(window & original))
     ring, ring_torus = positions(ring_rows, ring_cols)
     return ItemGeometry(item, inside, inside_torus, ring, ring_torus, ring_rows, ring_cols,
                         torus)
+
+
+def _mirrored(index: np.ndarray, first: bool, last: bool) -> tuple[np.ndarray, int]:
+    """Consecutive image rows (or columns) ``index``, followed or preceded by their mirror image
+    when they reach the first (``first``) or last (``last``) one; and where the original run
+    starts in the result. Mirroring row 0 puts row 0 next to itself: its missing neighbour."""
+    if first:
+        return np.concatenate([index[::-1], index]), len(index)
+    if last:
+        return np.concatenate([index, index[::-1]]), 0
+    return index, 0
 
 
 @functools.lru_cache(maxsize=32)
