@@ -27,12 +27,13 @@ supported on ∂Ω). One Cholesky factorisation of it serves every channel: solv
 Φ_∂Ω [x, y] = [g − f*, 1], then c = Σx / Σy and σ = x − c y. One FFT convolution evaluates h.
 
 At the image border the system's natural boundary condition is a mirror: a mask that touches
-a border is reflected across it (:func:`item_geometry`), and the method runs on the doubled
-mask.
+a border is reflected across it (:func:`item_geometry`), and the method runs on the mirrored
+mask (doubled, or quadrupled in a corner).
 
-The cost is that of an m × m dense factorisation (m³/3) and of FFTs on the bounding box: for a
-compact mask m grows like √N (a disc of 3000 pixels has m ≈ 175), far below the N-dimensional
-sparse factorisation's fill. For thin masks such as cracks m ≈ 2N and the sparse LU
+The cost is that of an m × m dense factorisation (m³/3) and of FFTs on the bounding box. For a
+compact mask m grows like √N (a disc of 3000 pixels has m ≈ 175), so the dense factor stays
+small where a sparse factorisation of the two-dimensional domain fills in. For thin masks such
+as cracks m ≈ 2N and the sparse LU
 (:mod:`adcore.poisson.direct`) is the right method; :func:`adcore.poisson.poisson_blend`
 chooses (``solver="auto"``). Everything after the Cholesky factorisation is a torch
 operation, so autograd differentiates the blend w.r.t. both images.
@@ -73,12 +74,14 @@ class ItemGeometry:
     """One item's mask, as the capacitance solve needs it.
 
     Positions are flat, row-major: ``y · W + x`` in the item's (H, W) image, ``y′ · Q + x′`` on
-    the (P, Q) torus, whose origin is the top-left corner of the bounding box of Ω ∪ ∂Ω.
+    the (P, Q) torus, whose origin is the top-left corner of the bounding box of Ω ∪ ∂Ω (of
+    the mirrored window, for a mask on the image border: see :func:`item_geometry`).
 
     Attributes:
         item: index in the batch.
         inside, inside_torus: (N,) positions of Ω's pixels (raster order), image and torus.
-        ring, ring_torus: (m,) positions of ∂Ω's pixels (outside Ω, 4-adjacent to it).
+        ring, ring_torus: (m,) positions of ∂Ω's pixels (outside Ω, 4-adjacent to it); on
+            the image, mirrored ring pixels repeat the positions they reflect.
         ring_rows, ring_cols: (m,) int32 NumPy coordinates of ∂Ω on the torus (for Φ_∂Ω).
         torus: (P, Q), at least the bounding box of Ω ∪ ∂Ω, rounded up to fast FFT lengths.
     """
@@ -117,12 +120,13 @@ def item_geometry(mask: Tensor, item: int) -> ItemGeometry | str:
     """
     image = mask.cpu().numpy()
     height, width = image.shape
-    rows, cols = np.flatnonzero(image.any(1)), np.flatnonzero(image.any(0))
-    if rows.size == 0:
+    filled_rows, filled_cols = np.flatnonzero(image.any(1)), np.flatnonzero(image.any(0))
+    if filled_rows.size == 0:
         none = np.zeros(0, np.int32)
         empty = torch.zeros(0, dtype=torch.long, device=mask.device)
         return ItemGeometry(item, empty, empty, empty, empty, none, none, (1, 1))
-    top, bottom, left, right = int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
+    top, bottom = int(filled_rows[0]), int(filled_rows[-1])
+    left, right = int(filled_cols[0]), int(filled_cols[-1])
     if (top == 0 and bottom == height - 1) or (left == 0 and right == width - 1):
         return (f"the mask of item {item} reaches two opposite image borders, where the natural "
                 "boundary condition would mirror it without end")
