@@ -282,22 +282,21 @@ def _capacitance_plan(mask: Tensor, guidance: str,
                              "use solver='direct' or 'cg'")
         return None
     geometries = []
+    limit = None if required else capacitance.AUTO_RING_PER_ROOT_AREA
     for item in range(mask.shape[0]):
-        geometry = capacitance.item_geometry(mask[item], item)
-        if isinstance(geometry, str):
+        geometry = capacitance.item_geometry(mask[item], item, limit)
+        if isinstance(geometry, str):            # not applicable, or (auto) thin: the LU is faster
             if required:
                 raise ValueError(f"solver='capacitance' does not apply: {geometry}; use "
                                  "solver='direct' or 'cg'")
             return None
-        ring, area = geometry.ring_count, geometry.area
+        ring = geometry.ring_count
         if ring > capacitance.MAX_RING:
             if required:
                 raise ValueError(f"solver='capacitance': the mask of item {item} has {ring} "
                                  f"boundary pixels, over the {capacitance.MAX_RING} whose dense "
                                  "factorisation stays affordable; use solver='direct'")
             return None
-        if not required and ring > capacitance.AUTO_RING_PER_ROOT_AREA * math.sqrt(area):
-            return None                          # thin (a crack): the sparse LU is faster
         geometries.append(geometry)
     return geometries
 

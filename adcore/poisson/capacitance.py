@@ -104,11 +104,14 @@ class ItemGeometry:
         return len(self.inside)
 
 
-def item_geometry(mask: Tensor, item: int) -> ItemGeometry | str:
+def item_geometry(mask: Tensor, item: int,
+                  max_ring_per_root_area: float | None = None) -> ItemGeometry | str:
     """The geometry of ``mask`` (H, W) bool, or why the method does not apply (a sentence).
 
     An empty mask gives a geometry with N = m = 0 (nothing to solve). Host-side (NumPy) work:
-    the mask's pixels are listed once, within its bounding box.
+    the mask's pixels are listed once, within its bounding box. With
+    ``max_ring_per_root_area`` k, a mask with more than k √N ring pixels is declined as thin
+    before its pixels are listed.
 
     At the image border the masked system has the natural boundary condition: a missing
     neighbour counts as a copy of the pixel itself. That is a mirror, so a mask touching a
@@ -150,8 +153,14 @@ def item_geometry(mask: Tensor, item: int) -> ItemGeometry | str:
         both = np.stack([ys[y] * width + xs[x], y * torus[1] + x]).astype(np.int64)
         return tuple(torch.from_numpy(both).to(mask.device).unbind(0))
 
-    ring_rows, ring_cols = (v.astype(np.int32) for v in np.nonzero(near & ~window))
-    inside, inside_torus = positions(*np.nonzero(window & original))
+    ring_pixels, inside_pixels = near & ~window, window & original
+    if max_ring_per_root_area is not None:
+        ring_count, area = np.count_nonzero(ring_pixels), np.count_nonzero(inside_pixels)
+        if ring_count > max_ring_per_root_area * np.sqrt(area):
+            return (f"the mask of item {item} is thin: {ring_count} boundary pixels for {area} "
+                    f"masked ones, over {max_ring_per_root_area:g} √N")
+    ring_rows, ring_cols = (v.astype(np.int32) for v in np.nonzero(ring_pixels))
+    inside, inside_torus = positions(*np.nonzero(inside_pixels))
     ring, ring_torus = positions(ring_rows, ring_cols)
     return ItemGeometry(item, inside, inside_torus, ring, ring_torus, ring_rows, ring_cols,
                         torus)
