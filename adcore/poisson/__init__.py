@@ -238,33 +238,30 @@ def _blend(target: Tensor, source: Tensor, mask: Tensor, *, guidance: str, tol: 
         geometries = _capacitance_plan(mask_bool, guidance, required=solver == "capacitance")
         if geometries is not None:
             solver = "capacitance"
-    if geometries is None:
-        counts = mask_bool.flatten(1).sum(1).tolist()                 # one host sync
-        if max(counts) == mask_bool[0].numel():
-            item = counts.index(max(counts))
-            raise ValueError(f"mask of item {item} covers the whole image: Ω then has no "
-                             "boundary and the Poisson problem no unique solution; expected "
-                             "at least one unmasked pixel")
-        empty = sum(counts) == 0
-    else:
-        empty = all(geometry.area == 0 for geometry in geometries)
-    if empty:
-        return target.clone(), SolveInfo(0, 0.0, True, "jacobi" if preconditioner == "auto"
-                                         else preconditioner, "cg" if solver == "auto" else solver)
     if solver == "capacitance":
+        if all(geometry.area == 0 for geometry in geometries):
+            return target.clone(), _nothing_solved(preconditioner, solver)
         inside, index = capacitance.blend_inside(target_w, source_w, geometries)
         residual = (_capacitance_residual(mask_bool, target_w, source_w, inside)
                     if measure else float("nan"))
         info = SolveInfo(0, residual, True, "none", "capacitance")
     else:
-        inside, index, info = _solve_masked(target_w, source_w, mask_bool, guidance=guidance,
-                                            tol=tol, max_iter=max_iter,
-                                            preconditioner=preconditioner,
-                                            check_every=check_every, solver=solver,
-                                            cg_asked=cg_asked, measure=measure)
+        solved = _solve_masked(target_w, source_w, mask_bool, guidance=guidance, tol=tol,
+                               max_iter=max_iter, preconditioner=preconditioner,
+                               check_every=check_every, solver=solver, cg_asked=cg_asked,
+                               measure=measure)
+        if solved is None:
+            return target.clone(), _nothing_solved(preconditioner, solver)
+        inside, index, info = solved
     # outside Ω the result is a copy of the target, bit for bit
     blended = target.flatten().index_put((index.flatten(),), inside.to(out_dtype).flatten())
     return blended.view_as(target), info
+
+
+def _nothing_solved(preconditioner: str, solver: str) -> SolveInfo:
+    """The report of a batch whose masks are all empty (it is returned unchanged)."""
+    return SolveInfo(0, 0.0, True, "jacobi" if preconditioner == "auto" else preconditioner,
+                     "cg" if solver == "auto" else solver)
 
 
 def _capacitance_plan(mask: Tensor, guidance: str,
@@ -316,9 +313,17 @@ def _capacitance_residual(mask: Tensor, target: Tensor, source: Tensor, inside: 
 def _solve_masked(target_w: Tensor, source_w: Tensor, mask_bool: Tensor, *, guidance: str,
                   tol: float, max_iter: int | None, preconditioner: str,
                   check_every: int | None, solver: str, cg_asked: bool,
-                  measure: bool) -> tuple[Tensor, Tensor, SolveInfo]:
-    """Sparse LU or CG on the masked system; returns (values at Ω, their positions, info)."""
+                  measure: bool) -> tuple[Tensor, Tensor, SolveInfo] | None:
+    """Sparse LU or CG on the masked system; returns (values at Ω, their positions, info), or
+    None when every mask is empty."""
     system = _MaskedSystem(mask_bool, target_w.shape[1], target_w.dtype, padded=False)
+    if system.max_count == mask_bool[0].numel():
+        item = int(mask_bool.flatten(1).all(1).nonzero()[0, 0])
+        raise ValueError(f"mask of item {item} covers the whole image: Ω then has no boundary "
+                         "and the Poisson problem no unique solution; expected at least one "
+                         "unmasked pixel")
+    if system.count == 0:
+        return None
     if solver == "auto":
         # settings of the iterations, or a GPU, mean CG; on the CPU, factorise unless large
         # and compact
