@@ -37,8 +37,9 @@ Solvers:
   as the potential of charges on the m boundary pixels, with the Laplacian's Green's function
   on a torus: one m × m dense factorisation and one FFT on the bounding box. For compact masks
   (m ~ √N) it is the fastest exact method on the CPU; it needs the source guidance, and masks
-  on the image border are mirrored across it (two opposite borders are refused). ``solver="auto"`` on the CPU uses it where it applies and the mask is
-  compact, the sparse LU otherwise (CG for large compact masks it cannot take).
+  on the image border are mirrored across it (two opposite borders are refused).
+  ``solver="auto"`` on the CPU uses it where it applies and the mask is compact, the sparse LU
+  otherwise (CG for large compact masks it cannot take).
 - :func:`poisson_blend_box` is the approximation OpenCV's ``seamlessClone`` makes, kept for
   teaching: one sine-transform solve on the mask's bounding box with the target as the box's
   boundary and the target's own gradient as guidance outside the mask. It changes pixels
@@ -421,8 +422,8 @@ def poisson_blend(target: Tensor, source: Tensor, mask: Tensor, *,
             ``preconditioner`` and ``check_every`` are its settings), ``"direct"`` (sparse LU
             of the whole batch, CPU only, exact to rounding; ``tol`` does not apply),
             ``"capacitance"`` (per item, exact to rounding, any device; the source guidance
-            only, and no mask reaching two opposite image borders) or ``"auto"``. On the CPU, unless
-            ``max_iter``, ``preconditioner`` or ``check_every`` is given, ``"auto"`` takes
+            only, and no mask reaching two opposite image borders) or ``"auto"``. On the CPU,
+            unless ``max_iter``, ``preconditioner`` or ``check_every`` is given, ``"auto"`` takes
             ``"capacitance"`` when it applies and every item is compact (at most 9 √N boundary
             pixels for N masked ones), otherwise ``"direct"``, or ``"cg"`` for a large compact
             mask that the capacitance method cannot take; on a GPU, ``"cg"``.
@@ -433,8 +434,8 @@ def poisson_blend(target: Tensor, source: Tensor, mask: Tensor, *,
     Raises:
         ValueError: shapes, devices, non-binary or whole-image masks, non-finite pixels,
             bad solver settings, or ``solver="capacitance"`` where it does not apply (mixed
-            guidance, a mask reaching two opposite image borders, over 4096 boundary pixels). TypeError:
-            non-float images.
+            guidance, a mask reaching two opposite image borders, over 4096 boundary pixels).
+            TypeError: non-float images.
     """
     blended, _ = _blend(target, source, mask, guidance=guidance, tol=tol, max_iter=max_iter,
                         preconditioner=preconditioner, check_every=check_every, solver=solver,
