@@ -168,9 +168,8 @@ def test_capacitance_mirrors_masks_on_the_image_border() -> None:
     masks[1, 12:, 15:] = True                                  # in the bottom-right corner
     masks[2, 3:8, :4] = True                                   # on the left border ...
     masks[2, 10, 0] = True                                     # ... and one pixel on it
-    masks[3, 1:, 1:] = True                                    # all but the top row and ...
-    masks[3, -1, :] = False                                    # ... the bottom one: mirrored
-    masks[3, :, -1] = False                                    # at the corner (1, 1) only
+    masks[3, 1:-1, 1:-1] = True                                # off the border by one pixel:
+    # its ring is the image's outermost ring (no mirror needed)
     masks[4] = blob_mask(rng, height, width, 0.2)
     masks[4, -1, :] = False
     masks[4, :, -1] = False

@@ -304,11 +304,22 @@ def _capacitance_residual(mask: Tensor, target: Tensor, source: Tensor, inside: 
     host, with SciPy's sparse product)."""
     mask, target, source, inside = (t.detach().cpu() for t in (mask, target, source, inside))
     system = _MaskedSystem(mask, target.shape[1], target.dtype, padded=False)
-    index = system.flat_index()
-    target_in = target.take(index).double()
-    start = source.take(index).double() - target_in
-    rhs = system.rhs(target, source, "source").double()
+    index, target_in, start, rhs = _masked_terms(system, target.double(), source.double(),
+                                                 "source")
     return _relative_residual(system.sparse_matrix(), system, rhs, inside - target_in, start)
+
+
+def _masked_terms(system: _MaskedSystem, target: Tensor, source: Tensor,
+                  guidance: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(positions of Ω's pixels, the target there, the start u₀, the right-hand side b).
+
+    The start is the naive paste (f = source in Ω): the remaining error is then the smooth
+    harmonic correction only, and the residual, relative to the start's, measures it well.
+    """
+    index = system.flat_index()
+    target_in = target.take(index)
+    start = (source.take(index) - target_in).detach()
+    return index, target_in, start, system.rhs(target, source, guidance)        # (C, N) each
 
 
 def _solve_masked(target_w: Tensor, source_w: Tensor, mask_bool: Tensor, *, guidance: str,
@@ -335,12 +346,7 @@ def _solve_masked(target_w: Tensor, source_w: Tensor, mask_bool: Tensor, *, guid
         system._pad(bucket=_use_cuda_graph(target_w))
         if preconditioner == "auto":
             preconditioner = "dst" if _compact(system) else "jacobi"
-    index = system.flat_index()
-    target_in = target_w.take(index)
-    # start from the naive paste (f = source in Ω): the remaining error is then the smooth
-    # harmonic correction only, and the residual, relative to the start's, measures it well
-    start = (source_w.take(index) - target_in).detach()
-    rhs = system.rhs(target_w, source_w, guidance)                      # (C, N)
+    index, target_in, start, rhs = _masked_terms(system, target_w, source_w, guidance)
     if solver == "direct":
         matrix = system.sparse_matrix()
         u = SolveFactored.apply(rhs, factorize(matrix))
