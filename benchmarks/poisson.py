@@ -4,8 +4,9 @@ CPU: per-image time on 256×256 RGB images with a crack mask, one image at a tim
 thread each (how a data-loader worker runs them), for
 
 - ``adcore exact``: :func:`adcore.poisson.poisson_blend` with its defaults (on the CPU the
-  capacitance-matrix method for compact masks, the sparse LU factorisation otherwise),
-- ``adcore exact, LU``: the same with ``solver="direct"`` (the sparse LU for every mask),
+  factorisation of the masked system, or the capacitance-matrix method for compact masks),
+- ``adcore exact, direct``: the same with ``solver="direct"`` (the factorisation for every mask:
+  band Cholesky, or sparse LU where the band is wide),
 - ``adcore exact, CG``: the same with ``solver="cg"`` (tol 1e-4), the GPU's method,
 - ``adcore box``: :func:`adcore.poisson.poisson_blend_box` (OpenCV's bounding-box approximation),
 - ``cv2``: ``cv2.seamlessClone(..., NORMAL_CLONE)`` (also the bounding-box approximation),
@@ -144,11 +145,11 @@ def cpu_table(targets: np.ndarray, sources: np.ndarray, masks: list[np.ndarray],
         cv2.seamlessClone(s8[i], t8[i], m8[i], centres[i], cv2.NORMAL_CLONE)
 
     # interleave them so that load on a shared machine hits them alike
-    times = {"adcore exact": [], "adcore exact, LU": [], "adcore exact, CG": [],
+    times = {"adcore exact": [], "adcore exact, direct": [], "adcore exact, CG": [],
              "adcore box": [], "cv2 seamlessClone": []}
     for _ in range(3):
         times["adcore exact"].append(time_per_image(exact, count, repeats=1))
-        times["adcore exact, LU"].append(time_per_image(exact_lu, count, repeats=1))
+        times["adcore exact, direct"].append(time_per_image(exact_lu, count, repeats=1))
         times["adcore exact, CG"].append(time_per_image(exact_cg, count, repeats=1))
         times["adcore box"].append(time_per_image(box, count, repeats=1))
         times["cv2 seamlessClone"].append(time_per_image(opencv, count, repeats=1))
@@ -212,12 +213,15 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--masks", choices=("auto", "deepcrack", "synthetic"), default="auto")
     parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads for torch and OpenCV (default 1, a loader worker)")
+                        help="CPU threads for torch, OpenCV and BLAS (default 1, a loader "
+                             "worker)")
     args = parser.parse_args()
     import cv2
+    from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(args.threads)
     cv2.setNumThreads(args.threads)
+    threadpool_limits(args.threads)          # SciPy's BLAS and LAPACK too
     print(f"torch {torch.__version__}, OpenCV {cv2.__version__}, {platform.processor() or platform.machine()}, "
           f"{args.threads} thread(s)")
     masks, origin = crack_masks(args.images, args.masks)

@@ -143,6 +143,86 @@ def off_border_case(seed: int, batch: int = 3, height: int = 29,
     return target.double(), source.double(), mask
 
 
+def test_band_order_runs_across_the_mask() -> None:
+    """Unknowns are numbered along rows or columns, whichever gives the narrower band: a
+    horizontal bar is numbered column by column, so its band is its height."""
+    from adcore.poisson.direct import MaskedPixels, bands
+
+    mask = np.zeros((2, 12, 30), bool)
+    mask[0, 4:7, 2:28] = True                   # 3 × 26: column order, band 3
+    mask[1, 1:11, 5:7] = True                   # 10 × 2: row order, band 2
+    mask[1, 0, 20] = True                       # a lone pixel: its own line, no coupling
+    pixels = MaskedPixels(mask)
+    assert pixels.bands.tolist() == [3, 2] == bands(mask).tolist()
+    assert pixels.starts.tolist() == [0, 78, 99]
+    first = slice(0, 78)
+    assert (np.diff(pixels.x[first]) >= 0).all()            # column by column
+    second = slice(78, 99)
+    assert (np.diff(pixels.y[second]) >= 0).all()           # row by row
+    # every coupling joins 4-neighbours of the same item, within the band
+    for partner in (pixels.next_in_line, pixels.next_line):
+        i = np.flatnonzero(partner >= 0)
+        j = partner[i]
+        assert (np.abs(pixels.y[i] - pixels.y[j]) + np.abs(pixels.x[i] - pixels.x[j]) == 1).all()
+        assert (pixels.item[i] == pixels.item[j]).all()
+        assert (j - i <= pixels.bands[pixels.item[i]]).all() and (j > i).all()
+    with pytest.raises(ValueError, match=r"shape \(12, 30\).*\(B, H, W\) bool"):
+        MaskedPixels(mask[0])
+
+
+def test_band_and_sparse_factors_solve_the_masked_system() -> None:
+    """Both factorisations solve A x = b for A assembled here from the mask (Eq. 7's matrix);
+    the band storage holds exactly A's entries."""
+    from adcore.poisson.direct import MaskedPixels, factorize
+
+    rng = np.random.default_rng(5)
+    masks = np.stack([blob_mask(rng, 23, 19, 0.3) for _ in range(3)])
+    masks[2, 0, :] = True                                  # on the border: degree 3 there
+    pixels = MaskedPixels(masks)
+    order = {(int(b), int(y), int(x)): i
+             for i, (b, y, x) in enumerate(zip(pixels.item, pixels.y, pixels.x))}
+    expected = np.zeros((pixels.count, pixels.count))
+    for (b, y, x), i in order.items():
+        for dy, dx in NEIGHBOURS:
+            if 0 <= y + dy < 23 and 0 <= x + dx < 19:
+                expected[i, i] += 1
+                j = order.get((b, y + dy, x + dx))
+                if j is not None:
+                    expected[i, j] = -1
+    np.testing.assert_array_equal(pixels.sparse_matrix().toarray(), expected)
+    for b in range(3):
+        start, stop, band = pixels.starts[b], pixels.starts[b + 1], pixels.bands[b]
+        ab = pixels.band_matrix(start, stop, band)
+        dense = np.zeros((stop - start,) * 2)
+        for k in range(band + 1):                           # ab[band + i - j, j] = A[i, j]
+            j = np.arange(band - k, stop - start)
+            dense[j - (band - k), j] = ab[k, band - k:]
+        np.testing.assert_array_equal(np.triu(dense), np.triu(expected[start:stop, start:stop]))
+    rhs = rng.normal(size=(pixels.count, 3))
+    reference = np.linalg.solve(expected, rhs)
+    for max_band, kinds in ((0, ["lu"] * 3), (10**6, ["band"] * 3)):
+        factors = factorize(pixels, max_band)
+        assert factors.kinds == kinds
+        np.testing.assert_allclose(factors.solve(rhs), reference, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("max_band", [0, 10**6])
+def test_direct_blend_is_exact_with_either_factorisation(monkeypatch: pytest.MonkeyPatch,
+                                                         max_band: int) -> None:
+    from adcore.poisson import direct
+
+    monkeypatch.setattr(direct, "MAX_BAND", max_band)
+    target, source, mask = random_case(seed=4, batch=3)
+    mask[2, 0, 0, :] = True                                 # along the top border
+    target, source = target.double(), source.double()
+    out, info = poisson_blend_info(target, source, mask, solver="direct", guidance="mixed")
+    assert info.residual < 1e-12
+    for b in range(3):
+        expected = perez_direct(target[b].numpy(), source[b].numpy(), mask[b, 0].numpy(),
+                                "mixed")
+        np.testing.assert_allclose(out[b].numpy(), expected, atol=1e-12, rtol=0)
+
+
 def test_capacitance_matches_sparse_direct_solve_to_rounding() -> None:
     target, source, mask = off_border_case(seed=11)
     mask[1] = False                                            # an empty item in the batch
@@ -181,8 +261,6 @@ def test_capacitance_mirrors_masks_on_the_image_border() -> None:
     for b in range(5):
         expected = perez_direct(target[b].numpy(), source[b].numpy(), masks[b])
         np.testing.assert_allclose(out[b].numpy(), expected, atol=1e-11, rtol=0)
-    # compact on the border: "auto" takes the capacitance method there too
-    assert poisson_blend_info(target[:2], source[:2], mask[:2])[1].solver == "capacitance"
 
 
 def test_torus_green_function_inverts_the_periodic_laplacian() -> None:
@@ -196,16 +274,23 @@ def test_torus_green_function_inverts_the_periodic_laplacian() -> None:
 
 
 def test_auto_chooses_the_capacitance_method_for_compact_masks_only() -> None:
-    size = 64
+    """On the CPU: the band Cholesky where the band is narrow, the capacitance method for
+    compact masks with a wide band (on the image border too), the factorisation otherwise."""
+    size = 96
     y, x = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    disc = ((x - 30) ** 2 + (y - 33) ** 2 <= 14**2)[None, None]
+    disc = ((x - 45) ** 2 + (y - 48) ** 2 <= 22**2)[None, None]   # band 44
+    small = ((x - 45) ** 2 + (y - 48) ** 2 <= 8**2)[None, None]   # band 16
+    edge = disc.roll(-26, 2)                                      # on the top border
     line = torch.zeros_like(disc)
-    line[..., 30:32, 4:60] = True                                  # a crack-like stroke
+    line[..., 30:32, 4:90] = True                                  # a crack-like stroke
     touching = disc | (x < 3)[None, None]                         # top to bottom border
     gen = torch.Generator().manual_seed(1)
     target, source = torch.rand(2, 1, 3, size, size, generator=gen, dtype=torch.float64)
-    expected = {"disc": "capacitance", "line": "direct", "touching": "direct"}
-    for name, where in (("disc", disc), ("line", line), ("touching", touching)):
+    expected = {"disc": "capacitance", "edge": "capacitance", "small": "direct",
+                "line": "direct", "touching": "direct"}
+    for name, where in (("disc", disc), ("edge", edge), ("small", small), ("line", line),
+                        ("touching", touching)):
+        assert bool(where[..., 0, :].any()) == (name in ("edge", "touching")), name
         out, info = poisson_blend_info(target, source, where)
         assert info.solver == expected[name], name
         reference = poisson_blend(target, source, where, solver="direct")
@@ -213,7 +298,7 @@ def test_auto_chooses_the_capacitance_method_for_compact_masks_only() -> None:
     assert poisson_blend_info(target, source, disc, guidance="mixed")[1].solver == "direct"
     # settings of the iterations ask for CG
     assert poisson_blend_info(target, source, disc, max_iter=500)[1].solver == "cg"
-    # a batch is solved by one method: a thin item sends the whole batch to the sparse LU
+    # a batch is solved by one method: a thin item sends the whole batch to the factorisation
     both = torch.cat([disc, line])
     assert poisson_blend_info(target.expand(2, -1, -1, -1), source.expand(2, -1, -1, -1),
                               both)[1].solver == "direct"

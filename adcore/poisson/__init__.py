@@ -31,15 +31,18 @@ Solvers:
   keeps and reuses across calls of similar shapes (:func:`clear_cuda_graphs` frees them).
   Gradients w.r.t. the images use the implicit adjoint: since A is symmetric, the backward
   pass is one more solve with the same matrix (no graph through the iterations).
-- On the CPU, ``solver="direct"`` factorises A instead (sparse LU, :mod:`adcore.poisson.direct`):
-  exact to float64 rounding, and faster than CG there for thin masks such as cracks.
+- On the CPU, ``solver="direct"`` factorises A instead (:mod:`adcore.poisson.direct`), item by
+  item: by band Cholesky with the pixels numbered across the mask (a thin crack then has a
+  narrow band), or by sparse LU where the band is wide. Exact to float64 rounding, and the
+  fastest method there for cracks.
 - ``solver="capacitance"`` (:mod:`adcore.poisson.capacitance`) writes the harmonic correction
   as the potential of charges on the m boundary pixels, with the Laplacian's Green's function
   on a torus: one m × m dense factorisation and one FFT on the bounding box. For compact masks
-  (m ~ √N) it is the fastest exact method on the CPU; it needs the source guidance, and masks
-  on the image border are mirrored across it (two opposite borders are refused).
-  ``solver="auto"`` on the CPU uses it where it applies and the mask is compact, the sparse LU
-  otherwise (CG for large compact masks it cannot take).
+  (m ~ √N), whose band is wide, it is the fastest exact method on the CPU; it needs the source
+  guidance, and masks on the image border are mirrored across it (two opposite borders are
+  refused). ``solver="auto"`` on the CPU factorises A when the band is narrow, takes the
+  capacitance method for compact masks with a wide band, and otherwise factorises A (or uses
+  CG for large compact masks that neither suits).
 - :func:`poisson_blend_box` is the approximation OpenCV's ``seamlessClone`` makes, kept for
   teaching: one sine-transform solve on the mask's bounding box with the target as the box's
   boundary and the target's own gradient as guidance outside the mask. It changes pixels
@@ -59,14 +62,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from adcore.poisson import capacitance
-from adcore.poisson.direct import SolveFactored, factorize
+from adcore.poisson import capacitance, direct
+from adcore.poisson.direct import DirectBlend, MaskedPixels
 from adcore.poisson.masked_cg import (
     SolveInfo,
     _MaskedSystem,
     _SolveOnMask,
     _use_cuda_graph,
     clear_cuda_graphs,
+    masked_rhs,
 )
 from adcore.poisson.spectral import dst1, laplacian, poisson_solve_rectangle
 
@@ -90,12 +94,19 @@ _PRECONDITIONERS = ("auto", "jacobi", "dst")
 _SOLVERS = ("auto", "cg", "direct", "capacitance")
 #: where the capacitance method does not apply (mixed guidance, masks reaching two opposite
 #: image borders),
-#: "auto" on the CPU factorises A unless an item is compact (as for the DST rule below) and
-#: larger than this many pixels: the fill of a 2-D domain then makes the factorisation slower
-#: than CG with the sine-transform preconditioner (measured with ``benchmarks/poisson.py``:
-#: a disc of 3200 pixels factorises in 5 ms against 12 ms for CG; one of 5000 takes ~13 ms
-#: either way; at 11 000 CG wins, 26 against 33 ms).
+#: "auto" on the CPU factorises A unless an item is compact (as for the DST rule below),
+#: larger than this many pixels and too wide for the band Cholesky (:data:`direct.MAX_BAND`):
+#: the fill of a 2-D domain then makes the sparse LU no faster than CG with the sine-transform
+#: preconditioner (measured with the mixed guidance on discs, one thread: 5.5 against 7.9 ms
+#: for CG at 3200 pixels and 11 against 13 ms at 6400, both band Cholesky; 22 ms each at
+#: 11 300 pixels, whose band of 119 goes to the LU; 41 against 46 ms for CG at 20 000).
 _AUTO_DIRECT_MAX_COMPACT = 4096
+#: on the CPU, "auto" factorises A when every item's band (:mod:`adcore.poisson.direct`) is at
+#: most this many pixels, and otherwise considers the capacitance method first (measured with
+#: ``benchmarks/poisson.py``'s masks and discs: the band Cholesky is faster on discs up to a
+#: band of 19 and even at 29, the capacitance method from a band of 39 on; the ring constant
+#: of :mod:`adcore.poisson.capacitance` keeps cracks off it)
+_AUTO_CAPACITANCE_MIN_BAND = 32
 #: "auto" uses the sine-transform preconditioner for masks that are thick (2 × area / boundary
 #: length of the thickest item, in pixels: about the width of a stroke, 0.8 × the radius of a
 #: disc), compact (they fill a good part of their common bounding box, whose size sets the cost
@@ -233,17 +244,22 @@ def _blend(target: Tensor, source: Tensor, mask: Tensor, *, guidance: str, tol: 
     target_w, source_w = target.to(work), source.to(work)
     cg_asked = preconditioner != "auto" or max_iter is not None or check_every is not None
     geometries = None
-    if solver == "capacitance" or (solver == "auto" and not cg_asked
-                                   and target.device.type == "cpu" and guidance == "source"):
-        # (a mask covering the whole image touches its border: the plan declines it)
-        geometries = _capacitance_plan(mask_bool, guidance, required=solver == "capacitance")
-        if geometries is not None:
-            solver = "capacitance"
+    if solver == "capacitance":
+        geometries = _capacitance_plan(mask_bool, guidance, required=True)
+    elif (solver == "auto" and not cg_asked and target.device.type == "cpu"
+          and guidance == "source"):
+        # a narrow band factorises fast; a wide one, on a compact mask, is the capacitance
+        # method's case (a mask covering the whole image touches its border: the plan
+        # declines it)
+        if direct.bands(mask_bool.numpy()).max(initial=0) > _AUTO_CAPACITANCE_MIN_BAND:
+            geometries = _capacitance_plan(mask_bool, guidance, required=False)
+            if geometries is not None:
+                solver = "capacitance"
     if solver == "capacitance":
         if all(geometry.area == 0 for geometry in geometries):
             return target.clone(), _nothing_solved(preconditioner, solver)
         inside, index = capacitance.blend_inside(target_w, source_w, geometries)
-        residual = (_capacitance_residual(mask_bool, target_w, source_w, inside)
+        residual = (_capacitance_residual(mask_bool, target_w, source_w, inside, index)
                     if measure else float("nan"))
         info = SolveInfo(0, residual, True, "none", "capacitance")
     else:
@@ -299,75 +315,87 @@ def _capacitance_plan(mask: Tensor, guidance: str,
     return geometries
 
 
-def _capacitance_residual(mask: Tensor, target: Tensor, source: Tensor, inside: Tensor) -> float:
-    """The relative residual of the capacitance solve in the masked system's terms (on the
-    host, with SciPy's sparse product)."""
-    mask, target, source, inside = (t.detach().cpu() for t in (mask, target, source, inside))
-    system = _MaskedSystem(mask, target.shape[1], target.dtype, padded=False)
-    index, target_in, start, rhs = _masked_terms(system, target.double(), source.double(),
-                                                 "source")
-    return _relative_residual(system.sparse_matrix(), system, rhs, inside - target_in, start)
+def _capacitance_residual(mask: Tensor, target: Tensor, source: Tensor, inside: Tensor,
+                          positions: Tensor) -> float:
+    """The relative residual of the capacitance solve (values ``inside`` at ``positions``) in
+    the masked system's terms (on the host, with SciPy's sparse product)."""
+    mask, target, source, inside, positions = (
+        t.detach().cpu() for t in (mask, target, source, inside, positions))
+    pixels = MaskedPixels(mask.numpy())
+    target_np, source_np = target.double().numpy(), source.double().numpy()
+    rhs, _, _ = pixels.rhs(target_np, source_np, "source")
+    index = pixels.flat_index(target.shape[1])
+    blended = target_np.reshape(-1).copy()
+    blended[positions.numpy().ravel()] = inside.double().numpy().ravel()
+    target_in = target_np.reshape(-1)[index]
+    return _relative_residual(pixels, rhs, blended[index] - target_in,
+                              source_np.reshape(-1)[index] - target_in)
 
 
-def _masked_terms(system: _MaskedSystem, target: Tensor, source: Tensor,
-                  guidance: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(positions of Ω's pixels, the target there, the start u₀, the right-hand side b).
+def _masked_terms(index: Tensor, offsets: Tensor, target: Tensor, source: Tensor,
+                  guidance: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(the target at Ω's pixels ``index``, the start u₀, the right-hand side b), (C, N) each.
 
     The start is the naive paste (f = source in Ω): the remaining error is then the smooth
     harmonic correction only, and the residual, relative to the start's, measures it well.
     """
-    index = system.flat_index()
     target_in = target.take(index)
     start = (source.take(index) - target_in).detach()
-    return index, target_in, start, system.rhs(target, source, guidance)        # (C, N) each
+    return target_in, start, masked_rhs(target, source, index, offsets, guidance)
 
 
 def _solve_masked(target_w: Tensor, source_w: Tensor, mask_bool: Tensor, *, guidance: str,
                   tol: float, max_iter: int | None, preconditioner: str,
                   check_every: int | None, solver: str, cg_asked: bool,
                   measure: bool) -> tuple[Tensor, Tensor, SolveInfo] | None:
-    """Sparse LU or CG on the masked system; returns (values at Ω, their positions, info), or
-    None when every mask is empty."""
-    system = _MaskedSystem(mask_bool, target_w.shape[1], target_w.dtype, padded=False)
-    if system.max_count == mask_bool[0].numel():
-        item = int(mask_bool.flatten(1).all(1).nonzero()[0, 0])
+    """Factorisation (CPU) or CG on the masked system; returns (values at Ω, their positions,
+    info), or None when every mask is empty."""
+    # the CPU factorises unless asked for CG (or, below, for a large compact mask)
+    factorise = solver == "direct" or (solver == "auto" and not cg_asked
+                                       and target_w.device.type == "cpu")
+    pixels = MaskedPixels(mask_bool.numpy()) if factorise else None
+    counts = (np.diff(pixels.starts).tolist() if factorise
+              else mask_bool.flatten(1).sum(1).tolist())           # one host sync
+    if max(counts) == mask_bool[0].numel():
+        item = counts.index(max(counts))
         raise ValueError(f"mask of item {item} covers the whole image: Ω then has no boundary "
                          "and the Poisson problem no unique solution; expected at least one "
                          "unmasked pixel")
-    if system.count == 0:
+    if max(counts) == 0:
         return None
+    system = None
     if solver == "auto":
-        # settings of the iterations, or a GPU, mean CG; on the CPU, factorise unless large
-        # and compact
-        solver = "cg" if cg_asked or target_w.device.type != "cpu" else (
-            "cg" if system.max_count > _AUTO_DIRECT_MAX_COMPACT and _compact(system)
-            else "direct")
-    if solver == "cg":
-        system._pad(bucket=_use_cuda_graph(target_w))
-        if preconditioner == "auto":
-            preconditioner = "dst" if _compact(system) else "jacobi"
-    index, target_in, start, rhs = _masked_terms(system, target_w, source_w, guidance)
+        solver = "direct" if factorise else "cg"
+        if (factorise and max(counts) > _AUTO_DIRECT_MAX_COMPACT
+                and pixels.bands.max() > direct.MAX_BAND):
+            system = _MaskedSystem(mask_bool, target_w.shape[1], target_w.dtype, padded=False)
+            solver = "cg" if _compact(system) else "direct"
     if solver == "direct":
-        matrix = system.sparse_matrix()
-        u = SolveFactored.apply(rhs, factorize(matrix))
+        report: list | None = [] if measure else None
+        inside = DirectBlend.apply(target_w, source_w, pixels, guidance, report)
         # exact: what remains of the residual is the rounding of u to the images' dtype
-        residual = (_relative_residual(matrix, system, rhs, u, start) if measure
-                    else float("nan"))
-        info = SolveInfo(0, residual, True, "none", "direct")
-    else:
-        if max_iter is None:
-            # CG converges in at most N steps in exact arithmetic; float32 needs some slack.
-            max_iter = max(50, 4 * (target_w.shape[-2] + target_w.shape[-1]))
-        if check_every is None:
-            # on the CPU a convergence check costs nothing; on a GPU it syncs with the host
-            check_every = 1 if target_w.device.type == "cpu" else 8
-        report: list[SolveInfo] = []
-        settings = {"tol": tol, "max_iter": max_iter, "preconditioner": preconditioner,
-                    "check_every": check_every}
-        u = system.from_columns(_SolveOnMask.apply(system.to_columns(rhs),
-                                                   system.to_columns(start), system, settings,
-                                                   report))
-        info = report[0]
+        residual = _relative_residual(pixels, *report[0]) if measure else float("nan")
+        index = torch.from_numpy(pixels.flat_index(target_w.shape[1]))
+        return inside, index, SolveInfo(0, residual, True, "none", "direct")
+    if system is None:
+        system = _MaskedSystem(mask_bool, target_w.shape[1], target_w.dtype, padded=False)
+    system._pad(bucket=_use_cuda_graph(target_w))
+    if preconditioner == "auto":
+        preconditioner = "dst" if _compact(system) else "jacobi"
+    index = system.flat_index()
+    target_in, start, rhs = _masked_terms(index, system.offsets, target_w, source_w, guidance)
+    if max_iter is None:
+        # CG converges in at most N steps in exact arithmetic; float32 needs some slack.
+        max_iter = max(50, 4 * (target_w.shape[-2] + target_w.shape[-1]))
+    if check_every is None:
+        # on the CPU a convergence check costs nothing; on a GPU it syncs with the host
+        check_every = 1 if target_w.device.type == "cpu" else 8
+    report: list[SolveInfo] = []
+    settings = {"tol": tol, "max_iter": max_iter, "preconditioner": preconditioner,
+                "check_every": check_every}
+    u = system.from_columns(_SolveOnMask.apply(system.to_columns(rhs), system.to_columns(start),
+                                               system, settings, report))
+    info = report[0]
     if not info.converged:
         warnings.warn(f"Poisson solve did not converge: relative residual {info.residual:.2e} "
                       f"> tol={tol:g} after {info.iterations} iterations; raise max_iter or tol",
@@ -382,15 +410,14 @@ def _compact(system: _MaskedSystem) -> bool:
     return thickness >= min_thickness and not on_border and system.box_fill() >= min_fill
 
 
-def _relative_residual(matrix, system: _MaskedSystem, rhs: Tensor, u: Tensor,
-                       start: Tensor) -> float:
+def _relative_residual(pixels: MaskedPixels, rhs: np.ndarray, u: np.ndarray,
+                       start: np.ndarray) -> float:
     """max over items and channels of ‖b − A u‖ / ‖b − A u₀‖ (u₀ the naive paste), as CG
-    reports it."""
-    b = rhs.detach().double().numpy()
-    residual = b - (matrix @ u.detach().double().numpy().T).T
-    initial = b - (matrix @ start.double().numpy().T).T
-    items = system.item.numpy()
-    squares = [np.stack([np.bincount(items, weights=row * row, minlength=system.batch)
+    reports it; (C, N) arrays in the order of ``pixels``."""
+    matrix = pixels.sparse_matrix()
+    residual = rhs - (matrix @ u.T).T
+    initial = rhs - (matrix @ start.T).T
+    squares = [np.stack([np.bincount(pixels.item, weights=row * row, minlength=pixels.batch)
                          for row in values]) for values in (residual, initial)]
     ratio = np.sqrt(squares[0] / np.maximum(squares[1], np.finfo(np.float64).tiny))
     return float(ratio.max())
@@ -425,14 +452,17 @@ def poisson_blend(target: Tensor, source: Tensor, mask: Tensor, *,
         check_every: iterations between convergence checks (default 1 on the CPU, 8 on a GPU,
             where a check synchronises with the host).
         solver: ``"cg"`` (conjugate gradients, any device; ``tol``, ``max_iter``,
-            ``preconditioner`` and ``check_every`` are its settings), ``"direct"`` (sparse LU
-            of the whole batch, CPU only, exact to rounding; ``tol`` does not apply),
-            ``"capacitance"`` (per item, exact to rounding, any device; the source guidance
-            only, and no mask reaching two opposite image borders) or ``"auto"``. On the CPU,
-            unless ``max_iter``, ``preconditioner`` or ``check_every`` is given, ``"auto"`` takes
-            ``"capacitance"`` when it applies and every item is compact (at most 9 √N boundary
-            pixels for N masked ones), otherwise ``"direct"``, or ``"cg"`` for a large compact
-            mask that the capacitance method cannot take; on a GPU, ``"cg"``.
+            ``preconditioner`` and ``check_every`` are its settings), ``"direct"`` (CPU only,
+            exact to rounding; ``tol`` does not apply: each item's A factorised by band
+            Cholesky, or by sparse LU where its band is over
+            :data:`adcore.poisson.direct.MAX_BAND` pixels), ``"capacitance"`` (per item, exact
+            to rounding, any device; the source guidance only, and no mask reaching two
+            opposite image borders) or ``"auto"``. On the CPU, unless ``max_iter``,
+            ``preconditioner`` or ``check_every`` is given, ``"auto"`` takes ``"direct"`` when
+            every item's band is at most 32 pixels; otherwise ``"capacitance"`` when it applies
+            and every item is compact (at most 7 √N boundary pixels for N masked ones);
+            otherwise ``"direct"``, or ``"cg"`` for a large compact mask too wide for the band
+            Cholesky. On a GPU, ``"cg"``.
 
     Returns:
         (B, C, H, W), the target's dtype and device.

@@ -32,9 +32,9 @@ mask (doubled, or quadrupled in a corner).
 
 The cost is that of an m × m dense factorisation (m³/3) and of FFTs on the bounding box. For a
 compact mask m grows like √N (a disc of 3000 pixels has m ≈ 175), so the dense factor stays
-small where a sparse factorisation of the two-dimensional domain fills in. For thin masks such
-as cracks m ≈ 2N and the sparse LU
-(:mod:`adcore.poisson.direct`) is the right method; :func:`adcore.poisson.poisson_blend`
+small where a factorisation of the two-dimensional domain fills in (a disc's band is its
+diameter). For thin masks such as cracks m ≈ 2N, while their band is narrow, and the band
+Cholesky (:mod:`adcore.poisson.direct`) is the right method; :func:`adcore.poisson.poisson_blend`
 chooses (``solver="auto"``). Everything after the Cholesky factorisation is a torch
 operation, so autograd differentiates the blend w.r.t. both images.
 
@@ -58,15 +58,17 @@ from torch import Tensor
 __all__: list[str] = []
 
 #: an item with more ring pixels than this is refused (its m × m factor would take seconds and
-#: m² · 8 bytes of memory); the sparse LU handles it.
+#: m² · 8 bytes of memory); the factorisation of the masked system handles it.
 MAX_RING = 4096
 #: ``solver="auto"`` chooses this method when every item has m ≤ this × √N ring pixels: compact
-#: shapes (a disc has m ≈ 3.2 √N, a square 4 √N; a thin crack far more). Measured with single
-#: masks on one CPU thread (DeepCrack cracks dilated by 2 px, synthetic cracks, blobs): below
-#: m ≈ 9 √N it beats the sparse LU (1.3–3.6×: 2.4 against 8.6 ms at N = 4114, m = 294), near
-#: it the two are even, and above it the m³ of the dense factorisation loses (51.9 against
-#: 10.0 ms at m = 18 √N).
-AUTO_RING_PER_ROOT_AREA = 9.0
+#: shapes (a disc has m ≈ 3.2 √N, a square 4 √N, a disc mirrored at the image border up to
+#: 6.4 √N; a thin crack far more) — and when the band Cholesky of :mod:`adcore.poisson.direct`
+#: would be slow (see ``_AUTO_CAPACITANCE_MIN_BAND`` in :mod:`adcore.poisson`). Measured with
+#: single masks on one CPU thread, against the band Cholesky: 1.3-6.5× faster on discs and
+#: blobs with bands over 32 pixels (1.4 against 3.4 ms for a disc of radius 30), even to
+#: 2.6× faster on discs touching the border (6.4 √N), even on cracks grown to 4.4-4.8 √N,
+#: and 1.2-5× slower on the benchmark's cracks (5.4 √N and more).
+AUTO_RING_PER_ROOT_AREA = 7.0
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,6 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
-import scipy.sparse
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -39,7 +37,8 @@ class SolveInfo:
             residual is the rounding of the result to the images' dtype).
         preconditioner: ``"jacobi"`` or ``"dst"``, the one used (``"none"`` for the direct
             solver).
-        solver: ``"cg"`` (conjugate gradients) or ``"direct"`` (sparse LU, no iterations).
+        solver: ``"cg"`` (conjugate gradients), ``"direct"`` (factorisation: band Cholesky
+            or sparse LU, no iterations) or ``"capacitance"``.
     """
 
     iterations: int
@@ -55,6 +54,36 @@ def _bucket(length: int) -> int:
     shapes, hence a few cached CUDA graphs; the padding costs little on a GPU, where the
     solve is bound by launches, not by memory traffic."""
     return max(256, 1 << (length - 1).bit_length())
+
+
+def masked_rhs(target: Tensor, source: Tensor, index: Tensor, offsets: Tensor,
+               guidance: str) -> Tensor:
+    """b_p = Σ_{q ∈ N_p} (v_pq − (f*_p − f*_q)) at the masked pixels only: (C, N).
+
+    Gathers the few pixels it needs instead of differentiating whole images.
+
+    Args:
+        target, source: (B, C, H, W).
+        index: (C, N) positions of the masked pixels in the flattened images.
+        offsets: (4, N) flat offsets of each pixel's four neighbours, 0 for a neighbour
+            outside the image (whose difference is then zero: the natural boundary condition).
+        guidance: ``"source"`` or ``"mixed"``.
+    """
+    source_p, target_p = source.take(index), target.take(index)
+    rhs = torch.zeros_like(source_p)
+    # one gather per side: indices within a gather stay unique, which keeps the backward
+    # pass (a scatter-add) deterministic on GPUs
+    for offset in offsets:
+        d_source = source_p - source.take(index + offset)
+        d_target = target_p - target.take(index + offset)
+        if guidance == "mixed":
+            # Pérez et al.'s mixed seamless cloning: the target's difference where it is
+            # the stronger one, the source's otherwise (ties go to the source).
+            guide = torch.where(d_target.abs() > d_source.abs(), d_target, d_source)
+        else:
+            guide = d_source
+        rhs = rhs + (guide - d_target)
+    return rhs
 
 
 #: the 4-neighbours (dy, dx): up, left, right, down
@@ -130,27 +159,6 @@ class _MaskedSystem:
         self.inverse_degree = torch.where(self.degree > 0, 1 / self.degree.clamp_min(1), 0)
         self.column, self.length = column, length
 
-    def sparse_matrix(self) -> scipy.sparse.csc_matrix:
-        """A of the whole batch as a (N, N) float64 SciPy matrix, block-diagonal by item, rows
-        in the order of the masked pixels (that of :meth:`rhs`); for the direct solver.
-
-        Built row by row in compressed form: in raster order a pixel's neighbours up and left
-        come before it, right and down after it, so each row's entries are already sorted;
-        A is symmetric, so its compressed rows are its compressed columns.
-        """
-        found = self._found.cpu().numpy()
-        keep = self._coupled.cpu().numpy()
-        diagonal = np.arange(self.count)
-        # per row: up, left, the diagonal, right, down (the order of _NEIGHBOURS around it)
-        indices = np.stack([found[0], found[1], diagonal, found[2], found[3]], axis=1)
-        present = np.stack([keep[0], keep[1], np.ones(self.count, bool), keep[2], keep[3]],
-                           axis=1)
-        values = np.where(present, -1.0, 0.0)
-        values[:, 2] = self.pixel_degree.cpu().numpy()
-        indptr = np.concatenate([[0], np.cumsum(present.sum(1))])
-        return scipy.sparse.csc_matrix((values[present], indices[present], indptr),
-                                       shape=(self.count, self.count))
-
     # ---- pixels <-> columns
     def flat_index(self) -> Tensor:
         """(C, N): positions of every channel and masked pixel in a flattened (B, C, H, W)."""
@@ -169,26 +177,8 @@ class _MaskedSystem:
         return values.reshape(self.channels, -1).index_select(1, self.column)
 
     def rhs(self, target: Tensor, source: Tensor, guidance: str) -> Tensor:
-        """b_p = Σ_{q ∈ N_p} (v_pq − (f*_p − f*_q)) at the masked pixels only: (C, N).
-
-        Gathers the few pixels it needs instead of differentiating whole images.
-        """
-        index = self.flat_index()                                 # (C, N)
-        source_p, target_p = source.take(index), target.take(index)
-        rhs = torch.zeros_like(source_p)
-        # one gather per side: indices within a gather stay unique, which keeps the backward
-        # pass (a scatter-add) deterministic on GPUs
-        for offset in self.offsets:
-            d_source = source_p - source.take(index + offset)
-            d_target = target_p - target.take(index + offset)
-            if guidance == "mixed":
-                # Pérez et al.'s mixed seamless cloning: the target's difference where it is
-                # the stronger one, the source's otherwise (ties go to the source).
-                guide = torch.where(d_target.abs() > d_source.abs(), d_target, d_source)
-            else:
-                guide = d_source
-            rhs = rhs + (guide - d_target)
-        return rhs
+        """b at the masked pixels, (C, N): :func:`masked_rhs`."""
+        return masked_rhs(target, source, self.flat_index(), self.offsets, guidance)
 
     def matvec(self, p: Tensor) -> Tensor:
         """A·p for a (C, B, L) tensor; padding and sentinels of the result stay zero."""
