@@ -146,14 +146,15 @@ def off_border_case(seed: int, batch: int = 3, height: int = 29,
 def test_band_order_runs_across_the_mask() -> None:
     """Unknowns are numbered along rows or columns, whichever gives the narrower band: a
     horizontal bar is numbered column by column, so its band is its height."""
-    from adcore.poisson.direct import MaskedPixels, bands
+    from adcore.poisson.direct import MaskedPixels, line_bands
 
     mask = np.zeros((2, 12, 30), bool)
     mask[0, 4:7, 2:28] = True                   # 3 × 26: column order, band 3
     mask[1, 1:11, 5:7] = True                   # 10 × 2: row order, band 2
     mask[1, 0, 20] = True                       # a lone pixel: its own line, no coupling
     pixels = MaskedPixels(mask)
-    assert pixels.bands.tolist() == [3, 2] == bands(mask).tolist()
+    assert pixels.bands.tolist() == [3, 2] == line_bands(mask).min(1).tolist()
+    assert line_bands(mask).tolist() == [[26, 3], [2, 10]]
     assert pixels.starts.tolist() == [0, 78, 99]
     first = slice(0, 78)
     assert (np.diff(pixels.x[first]) >= 0).all()            # column by column

@@ -243,7 +243,7 @@ def _blend(target: Tensor, source: Tensor, mask: Tensor, *, guidance: str, tol: 
     work = torch.float64 if out_dtype == torch.float64 else torch.float32
     target_w, source_w = target.to(work), source.to(work)
     cg_asked = preconditioner != "auto" or max_iter is not None or check_every is not None
-    geometries = None
+    geometries, lines = None, None
     if solver == "capacitance":
         geometries = _capacitance_plan(mask_bool, guidance, required=True)
     elif (solver == "auto" and not cg_asked and target.device.type == "cpu"
@@ -251,7 +251,8 @@ def _blend(target: Tensor, source: Tensor, mask: Tensor, *, guidance: str, tol: 
         # a narrow band factorises fast; a wide one, on a compact mask, is the capacitance
         # method's case (a mask covering the whole image touches its border: the plan
         # declines it)
-        if direct.bands(mask_bool.numpy()).max(initial=0) > _AUTO_CAPACITANCE_MIN_BAND:
+        lines = direct.line_bands(mask_bool.numpy())
+        if lines.min(1).max(initial=0) > _AUTO_CAPACITANCE_MIN_BAND:
             geometries = _capacitance_plan(mask_bool, guidance, required=False)
             if geometries is not None:
                 solver = "capacitance"
@@ -266,7 +267,7 @@ def _blend(target: Tensor, source: Tensor, mask: Tensor, *, guidance: str, tol: 
         solved = _solve_masked(target_w, source_w, mask_bool, guidance=guidance, tol=tol,
                                max_iter=max_iter, preconditioner=preconditioner,
                                check_every=check_every, solver=solver, cg_asked=cg_asked,
-                               measure=measure)
+                               measure=measure, lines=lines)
         if solved is None:
             return target.clone(), _nothing_solved(preconditioner, solver)
         inside, index, info = solved
@@ -346,14 +347,14 @@ def _masked_terms(index: Tensor, offsets: Tensor, target: Tensor, source: Tensor
 
 def _solve_masked(target_w: Tensor, source_w: Tensor, mask_bool: Tensor, *, guidance: str,
                   tol: float, max_iter: int | None, preconditioner: str,
-                  check_every: int | None, solver: str, cg_asked: bool,
-                  measure: bool) -> tuple[Tensor, Tensor, SolveInfo] | None:
+                  check_every: int | None, solver: str, cg_asked: bool, measure: bool,
+                  lines: np.ndarray | None) -> tuple[Tensor, Tensor, SolveInfo] | None:
     """Factorisation (CPU) or CG on the masked system; returns (values at Ω, their positions,
-    info), or None when every mask is empty."""
+    info), or None when every mask is empty. ``lines``: the masks' line bands, if known."""
     # the CPU factorises unless asked for CG (or, below, for a large compact mask)
     factorise = solver == "direct" or (solver == "auto" and not cg_asked
                                        and target_w.device.type == "cpu")
-    pixels = MaskedPixels(mask_bool.numpy()) if factorise else None
+    pixels = MaskedPixels(mask_bool.numpy(), lines) if factorise else None
     counts = (np.diff(pixels.starts).tolist() if factorise
               else mask_bool.flatten(1).sum(1).tolist())           # one host sync
     if max(counts) == mask_bool[0].numel():

@@ -41,7 +41,7 @@ from scipy.linalg import lapack
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["MAX_BAND", "DirectBlend", "MaskedPixels", "bands", "factorize"]
+__all__ = ["MAX_BAND", "DirectBlend", "MaskedPixels", "factorize", "line_bands"]
 
 #: items whose band (in the better of the row and column orders) is at most this many pixels
 #: are factorised by band Cholesky, wider ones by sparse LU. Measured on one thread on the
@@ -70,7 +70,8 @@ class MaskedPixels:
         bands: (B,) int64, each item's bandwidth (0 for an empty or a single-pixel item).
     """
 
-    def __init__(self, mask: np.ndarray) -> None:
+    def __init__(self, mask: np.ndarray, lines: np.ndarray | None = None) -> None:
+        """``mask``: (B, H, W) bool; ``lines``: its :func:`line_bands`, if known."""
         if mask.ndim != 3 or mask.dtype != np.bool_:
             raise ValueError(f"mask has shape {mask.shape} and dtype {mask.dtype}; expected a "
                              "(B, H, W) bool array")
@@ -79,7 +80,7 @@ class MaskedPixels:
         parts: list[tuple[np.ndarray, ...]] = []
         starts, bands, offset = [0], [], 0
         for b in range(batch):
-            part = self._item(mask[b], offset)
+            part = self._item(mask[b], offset, None if lines is None else lines[b])
             if part is None:
                 bands.append(0)
             else:
@@ -98,14 +99,16 @@ class MaskedPixels:
                        - (self.x == 0) - (self.x == width - 1))
 
     @staticmethod
-    def _item(mask: np.ndarray, offset: int) -> tuple[np.ndarray, ...] | None:
+    def _item(mask: np.ndarray, offset: int,
+              bands: np.ndarray | None) -> tuple[np.ndarray, ...] | None:
         """(y, x, next_in_line, next_line, band) of one (H, W) mask, unknowns numbered from
-        ``offset``; None when the mask is empty."""
+        ``offset``; None when the mask is empty. ``bands``: its two line bands, if known."""
         found = _box(mask)
         if found is None:
             return None
         top, left, box = found
-        bands = [_line_band(lines) for lines in (box, box.T)]
+        if bands is None:
+            bands = [_line_band(lines) for lines in (box, box.T)]
         transposed = bands[1] < bands[0]
         lines = box.T if transposed else box
         height, width = lines.shape
@@ -210,15 +213,15 @@ class MaskedPixels:
             terms *= weight
         return terms.sum(1), around, weight
 
-def bands(mask: np.ndarray) -> np.ndarray:
-    """(B,) int64: the band of each item's couplings between lines, in the better of the two
-    orders (0 for an empty item or a single line): a cheap look at (B, H, W) bool masks
-    before :class:`MaskedPixels` numbers their pixels."""
-    out = np.zeros(mask.shape[0], dtype=np.int64)
+def line_bands(mask: np.ndarray) -> np.ndarray:
+    """(B, 2) int64: the band of each item's couplings between lines when numbered along rows
+    and along columns (0 for an empty item or a single line): a cheap look at (B, H, W) bool
+    masks before :class:`MaskedPixels` numbers their pixels (and it may be handed to it)."""
+    out = np.zeros((mask.shape[0], 2), dtype=np.int64)
     for b, item in enumerate(mask):
         found = _box(item)
         if found is not None:
-            out[b] = min(_line_band(found[2]), _line_band(found[2].T))
+            out[b] = _line_band(found[2]), _line_band(found[2].T)
     return out
 
 
