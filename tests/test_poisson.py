@@ -224,6 +224,33 @@ def test_direct_blend_is_exact_with_either_factorisation(monkeypatch: pytest.Mon
         np.testing.assert_allclose(out[b].numpy(), expected, atol=1e-12, rtol=0)
 
 
+def test_blas_threads_are_restored_after_nested_and_concurrent_solves() -> None:
+    """The factorisation runs BLAS on one thread and gives the library its count back."""
+    import threading
+
+    from threadpoolctl import ThreadpoolController
+
+    from adcore.poisson.direct import _one_blas_thread
+
+    controller = ThreadpoolController()
+    before = [info["num_threads"] for info in controller.select(user_api="blas").info()]
+    with controller.limit(limits=2, user_api="blas"):
+        with _one_blas_thread():
+            assert all(i["num_threads"] == 1 for i in controller.select(user_api="blas").info())
+            with _one_blas_thread():
+                pass
+            assert all(i["num_threads"] == 1 for i in controller.select(user_api="blas").info())
+        target, source, mask = random_case(seed=6)
+        workers = [threading.Thread(target=poisson_blend, args=(target, source, mask),
+                                    kwargs={"solver": "direct"}) for _ in range(4)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        assert all(i["num_threads"] == 2 for i in controller.select(user_api="blas").info())
+    assert [i["num_threads"] for i in controller.select(user_api="blas").info()] == before
+
+
 def test_capacitance_matches_sparse_direct_solve_to_rounding() -> None:
     target, source, mask = off_border_case(seed=11)
     mask[1] = False                                            # an empty item in the batch

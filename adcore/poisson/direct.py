@@ -31,6 +31,7 @@ bounding box, which matters for the small masks of a data-loader worker.
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 
 import numpy as np
@@ -342,6 +343,8 @@ class DirectBlend(torch.autograd.Function):
 
 
 _BLAS: list | None = None
+_BLAS_LOCK = threading.Lock()
+_BLAS_STATE: list = [0, []]               # contexts open, thread counts to restore
 
 
 @contextmanager
@@ -350,18 +353,26 @@ def _one_blas_thread():
 
     The band and dense factorisations here are small: OpenBLAS's threads only synchronise,
     and on a 2-core machine they made a band Cholesky 2× slower in wall time and 4× in CPU
-    time. The limit is process-wide while it holds (threadpoolctl finds the libraries once;
-    setting their thread counts directly costs microseconds, its ``limit`` tens of them).
+    time. The limit is process-wide while any such context is open (threadpoolctl finds the
+    libraries once; setting their thread counts directly costs microseconds, its ``limit``
+    tens of them); the first context to open saves the counts and the last to close restores
+    them, so concurrent calls from several threads leave them as they were.
     """
     global _BLAS
-    if _BLAS is None:
-        from threadpoolctl import ThreadpoolController
-        _BLAS = ThreadpoolController().select(user_api="blas").lib_controllers
-    previous = [library.num_threads for library in _BLAS]
-    for library in _BLAS:
-        library.set_num_threads(1)
+    with _BLAS_LOCK:
+        if _BLAS is None:
+            from threadpoolctl import ThreadpoolController
+            _BLAS = ThreadpoolController().select(user_api="blas").lib_controllers
+        if _BLAS_STATE[0] == 0:
+            _BLAS_STATE[1] = [library.num_threads for library in _BLAS]
+            for library in _BLAS:
+                library.set_num_threads(1)
+        _BLAS_STATE[0] += 1
     try:
         yield
     finally:
-        for library, threads in zip(_BLAS, previous, strict=True):
-            library.set_num_threads(threads)
+        with _BLAS_LOCK:
+            _BLAS_STATE[0] -= 1
+            if _BLAS_STATE[0] == 0:
+                for library, threads in zip(_BLAS, _BLAS_STATE[1], strict=True):
+                    library.set_num_threads(threads)
