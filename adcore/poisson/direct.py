@@ -98,6 +98,7 @@ class MaskedPixels:
             np.concatenate(field).astype(np.int64, copy=False) for field in fields)
         self.degree = (4.0 - (self.y == 0) - (self.y == height - 1)
                        - (self.x == 0) - (self.x == width - 1))
+        self._flat: dict[int, np.ndarray] = {}
 
     @staticmethod
     def _item(mask: np.ndarray, offset: int,
@@ -173,10 +174,14 @@ class MaskedPixels:
 
     # ---- pixels of the images
     def flat_index(self, channels: int) -> np.ndarray:
-        """(C, N) int64: each channel's masked pixels in a flattened (B, C, H, W) array."""
-        plane = self.height * self.width
-        base = self.item * (channels * plane) + self.y * self.width + self.x
-        return base[None, :] + np.arange(channels)[:, None] * plane
+        """(C, N) int64: each channel's masked pixels in a flattened (B, C, H, W) array
+        (computed once per channel count: the right-hand side, the blend and its caller all
+        need it)."""
+        if channels not in self._flat:
+            plane = self.height * self.width
+            base = self.item * (channels * plane) + self.y * self.width + self.x
+            self._flat[channels] = base[None, :] + np.arange(channels)[:, None] * plane
+        return self._flat[channels]
 
     def neighbour_offsets(self) -> np.ndarray:
         """(4, N) int64: flat offsets of the up, left, right and down neighbours, 0 where the
