@@ -291,6 +291,18 @@ def test_capacitance_mirrors_masks_on_the_image_border() -> None:
         np.testing.assert_allclose(out[b].numpy(), expected, atol=1e-11, rtol=0)
 
 
+def test_every_solver_reads_images_of_any_memory_layout() -> None:
+    """Channels-last (non-contiguous) images give the contiguous images' blend, contiguous."""
+    target, source, mask = off_border_case(seed=8, batch=2)
+    last = [x.to(memory_format=torch.channels_last) for x in (target, source)]
+    assert not last[0].is_contiguous()
+    for solver in ("direct", "capacitance", "cg"):
+        out = poisson_blend(*last, mask, solver=solver, tol=1e-10)
+        assert out.is_contiguous(), solver
+        torch.testing.assert_close(out, poisson_blend(target, source, mask, solver=solver,
+                                                      tol=1e-10), atol=0, rtol=0)
+
+
 def test_torus_green_function_inverts_the_periodic_laplacian() -> None:
     for rows, cols in ((8, 8), (9, 14), (15, 7)):
         green, spectrum = torus_green(rows, cols)

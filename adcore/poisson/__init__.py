@@ -272,8 +272,9 @@ def _blend(target: Tensor, source: Tensor, mask: Tensor, *, guidance: str, tol: 
             return target.clone(), _nothing_solved(preconditioner, solver)
         inside, index, info = solved
     # outside Ω the result is a copy of the target, bit for bit
-    blended = target.flatten().index_put((index.flatten(),), inside.to(out_dtype).flatten())
-    return blended.view_as(target), info
+    blended = target.clone(memory_format=torch.contiguous_format)
+    blended.view(-1).index_copy_(0, index.flatten(), inside.to(out_dtype).flatten())
+    return blended, info
 
 
 def _nothing_solved(preconditioner: str, solver: str) -> SolveInfo:
@@ -298,8 +299,9 @@ def _capacitance_plan(mask: Tensor, guidance: str,
         return None
     geometries = []
     limit = None if required else capacitance.AUTO_RING_PER_ROOT_AREA
-    for item in range(mask.shape[0]):
-        geometry = capacitance.item_geometry(mask[item], item, limit)
+    masks = mask.cpu().numpy()
+    for item in range(len(masks)):
+        geometry = capacitance.item_geometry(masks[item], item, limit)
         if isinstance(geometry, str):            # not applicable, or (auto) thin: the LU is faster
             if required:
                 raise ValueError(f"solver='capacitance' does not apply: {geometry}; use "

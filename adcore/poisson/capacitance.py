@@ -35,8 +35,9 @@ compact mask m grows like √N (a disc of 3000 pixels has m ≈ 175), so the den
 small where a factorisation of the two-dimensional domain fills in (a disc's band is its
 diameter). For thin masks such as cracks m ≈ 2N, while their band is narrow, and the band
 Cholesky (:mod:`adcore.poisson.direct`) is the right method; :func:`adcore.poisson.poisson_blend`
-chooses (``solver="auto"``). Everything after the Cholesky factorisation is a torch
-operation, so autograd differentiates the blend w.r.t. both images.
+chooses (``solver="auto"``). The solve runs on the host in NumPy (the images' values at Ω and
+∂Ω are gathered on their device); the blend is differentiable w.r.t. both images through its
+adjoint, the same steps backwards with the same factors (:class:`CapacitanceBlend`).
 
 References: Buzbee, Dorr, George & Golub, "The direct solution of the discrete Poisson
 equation on irregular regions", SIAM J. Numer. Anal. 8 (1971); Proskurowski & Widlund, "On the
@@ -51,9 +52,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.fft
-import scipy.linalg
 import torch
+from scipy.linalg import lapack
 from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from adcore.poisson.direct import _one_blas_thread
 
 __all__: list[str] = []
 
@@ -73,7 +77,7 @@ AUTO_RING_PER_ROOT_AREA = 7.0
 
 @dataclass(frozen=True)
 class ItemGeometry:
-    """One item's mask, as the capacitance solve needs it.
+    """One item's mask, as the capacitance solve needs it (NumPy arrays).
 
     Positions are flat, row-major: ``y · W + x`` in the item's (H, W) image, ``y′ · Q + x′`` on
     the (P, Q) torus, whose origin is the top-left corner of the bounding box of Ω ∪ ∂Ω (of
@@ -81,18 +85,19 @@ class ItemGeometry:
 
     Attributes:
         item: index in the batch.
-        inside, inside_torus: (N,) positions of Ω's pixels (raster order), image and torus.
-        ring, ring_torus: (m,) positions of ∂Ω's pixels (outside Ω, 4-adjacent to it); on
-            the image, mirrored ring pixels repeat the positions they reflect.
-        ring_rows, ring_cols: (m,) int32 NumPy coordinates of ∂Ω on the torus (for Φ_∂Ω).
+        inside, inside_torus: (N,) int64 positions of Ω's pixels (raster order), image and
+            torus.
+        ring, ring_torus: (m,) int64 positions of ∂Ω's pixels (outside Ω, 4-adjacent to it);
+            on the image, mirrored ring pixels repeat the positions they reflect.
+        ring_rows, ring_cols: (m,) int32 coordinates of ∂Ω on the torus (for Φ_∂Ω).
         torus: (P, Q), at least the bounding box of Ω ∪ ∂Ω, rounded up to fast FFT lengths.
     """
 
     item: int
-    inside: Tensor
-    inside_torus: Tensor
-    ring: Tensor
-    ring_torus: Tensor
+    inside: np.ndarray
+    inside_torus: np.ndarray
+    ring: np.ndarray
+    ring_torus: np.ndarray
     ring_rows: np.ndarray
     ring_cols: np.ndarray
     torus: tuple[int, int]
@@ -106,14 +111,13 @@ class ItemGeometry:
         return len(self.inside)
 
 
-def item_geometry(mask: Tensor, item: int,
+def item_geometry(mask: np.ndarray | Tensor, item: int,
                   max_ring_per_root_area: float | None = None) -> ItemGeometry | str:
     """The geometry of ``mask`` (H, W) bool, or why the method does not apply (a sentence).
 
-    An empty mask gives a geometry with N = m = 0 (nothing to solve). Host-side (NumPy) work:
-    the mask's pixels are listed once, within its bounding box. With
-    ``max_ring_per_root_area`` k, a mask with more than k √N ring pixels is declined as thin
-    before its pixels are listed.
+    An empty mask gives a geometry with N = m = 0 (nothing to solve). The mask's pixels are
+    listed once, within its bounding box. With ``max_ring_per_root_area`` k, a mask with more
+    than k √N ring pixels is declined as thin before its pixels are listed.
 
     At the image border the masked system has the natural boundary condition: a missing
     neighbour counts as a copy of the pixel itself. That is a mirror, so a mask touching a
@@ -123,12 +127,11 @@ def item_geometry(mask: Tensor, item: int,
     positions). A mask that touches two opposite borders would need infinitely many
     reflections: the method declines it.
     """
-    image = mask.cpu().numpy()
+    image = mask.cpu().numpy() if isinstance(mask, Tensor) else np.asarray(mask, bool)
     height, width = image.shape
     filled_rows, filled_cols = np.flatnonzero(image.any(1)), np.flatnonzero(image.any(0))
     if filled_rows.size == 0:
-        none = np.zeros(0, np.int32)
-        empty = torch.zeros(0, dtype=torch.long, device=mask.device)
+        none, empty = np.zeros(0, np.int32), np.zeros(0, np.int64)
         return ItemGeometry(item, empty, empty, empty, empty, none, none, (1, 1))
     top, bottom = int(filled_rows[0]), int(filled_rows[-1])
     left, right = int(filled_cols[0]), int(filled_cols[-1])
@@ -140,32 +143,37 @@ def item_geometry(mask: Tensor, item: int,
     cols = np.arange(max(left - 1, 0), min(right + 1, width - 1) + 1)
     ys, y0 = _mirrored(rows, top == 0, bottom == height - 1)
     xs, x0 = _mirrored(cols, left == 0, right == width - 1)
-    window = image[np.ix_(ys, xs)]                 # Ω (and its mirror images) with the ring
-    near = np.zeros_like(window)
-    near[1:] |= window[:-1]
-    near[:-1] |= window[1:]
-    near[:, 1:] |= window[:, :-1]
-    near[:, :-1] |= window[:, 1:]
-    original = np.zeros_like(window)               # the unmirrored copy of the window
-    original[y0:y0 + len(rows), x0:x0 + len(cols)] = True
+    if len(ys) == len(rows) and len(xs) == len(cols):
+        window = image[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    else:
+        window = image[np.ix_(ys, xs)]             # Ω and its mirror images, with the ring
+    ring_pixels = np.zeros_like(window)            # then ∂Ω: 4-adjacent to Ω, not in it
+    ring_pixels[1:] |= window[:-1]
+    ring_pixels[:-1] |= window[1:]
+    ring_pixels[:, 1:] |= window[:, :-1]
+    ring_pixels[:, :-1] |= window[:, 1:]
+    ring_pixels &= ~window
+    # Ω is the unmirrored copy of the window's mask
+    inside_pixels = np.zeros_like(window)
+    inside_pixels[y0:y0 + len(rows), x0:x0 + len(cols)] = window[y0:y0 + len(rows),
+                                                                  x0:x0 + len(cols)]
     torus = (scipy.fft.next_fast_len(window.shape[0], real=True),
              scipy.fft.next_fast_len(window.shape[1], real=True))
-
-    def positions(y: np.ndarray, x: np.ndarray) -> tuple[Tensor, Tensor]:   # image, torus
-        both = np.stack([ys[y] * width + xs[x], y * torus[1] + x]).astype(np.int64)
-        return tuple(torch.from_numpy(both).to(mask.device).unbind(0))
-
-    ring_pixels, inside_pixels = near & ~window, window & original
+    # flat window positions (raster order), split into the torus's rows and columns
+    ring_rows, ring_cols = np.divmod(np.flatnonzero(ring_pixels), window.shape[1])
     if max_ring_per_root_area is not None:
-        ring_count, area = np.count_nonzero(ring_pixels), np.count_nonzero(inside_pixels)
-        if ring_count > max_ring_per_root_area * np.sqrt(area):
-            return (f"the mask of item {item} is thin: {ring_count} boundary pixels for {area} "
-                    f"masked ones, over {max_ring_per_root_area:g} √N")
-    ring_rows, ring_cols = (v.astype(np.int32) for v in np.nonzero(ring_pixels))
-    inside, inside_torus = positions(*np.nonzero(inside_pixels))
-    ring, ring_torus = positions(ring_rows, ring_cols)
-    return ItemGeometry(item, inside, inside_torus, ring, ring_torus, ring_rows, ring_cols,
-                        torus)
+        area = np.count_nonzero(inside_pixels)
+        if len(ring_rows) > max_ring_per_root_area * np.sqrt(area):
+            return (f"the mask of item {item} is thin: {len(ring_rows)} boundary pixels for "
+                    f"{area} masked ones, over {max_ring_per_root_area:g} √N")
+    inside_rows, inside_cols = np.divmod(np.flatnonzero(inside_pixels), window.shape[1])
+
+    def positions(y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return ys[y] * width + xs[x], y * torus[1] + x
+
+    return ItemGeometry(item, *positions(inside_rows, inside_cols),
+                        *positions(ring_rows, ring_cols), ring_rows.astype(np.int32),
+                        ring_cols.astype(np.int32), torus)
 
 
 def _mirrored(index: np.ndarray, first: bool, last: bool) -> tuple[np.ndarray, int]:
@@ -180,94 +188,180 @@ def _mirrored(index: np.ndarray, first: bool, last: bool) -> tuple[np.ndarray, i
 
 
 @functools.lru_cache(maxsize=32)
-def torus_green(rows: int, cols: int) -> tuple[np.ndarray, Tensor]:
+def torus_green(rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
     """The 5-point Laplacian's Green's function on a ``rows`` × ``cols`` torus, float64.
 
-    Returns (Φ as a (rows, cols) array, its real FFT spectrum (rows, cols // 2 + 1) as a
-    tensor): L Φ = δ − 1/(rows · cols), Φ of zero mean (the spectrum is 0 at frequency 0).
+    Returns (Φ as a (rows, cols) array, its real FFT spectrum (rows, cols // 2 + 1)):
+    L Φ = δ − 1/(rows · cols), Φ of zero mean (the spectrum is 0 at frequency 0). The arrays
+    are cached: read-only.
     """
     wy = 2 * np.pi * np.arange(rows) / rows
     wx = 2 * np.pi * np.arange(cols // 2 + 1) / cols
     eigen = 4 - 2 * np.cos(wy)[:, None] - 2 * np.cos(wx)[None, :]
     eigen[0, 0] = np.inf                                        # the constant: pseudo-inverse
     spectrum = 1 / eigen
-    spatial = np.fft.irfft2(spectrum, s=(rows, cols))
-    return spatial, torch.from_numpy(spectrum)
+    spatial = scipy.fft.irfft2(spectrum, s=(rows, cols))
+    spectrum.flags.writeable = spatial.flags.writeable = False
+    return spatial, spectrum
 
 
 def capacitance_matrix(geometry: ItemGeometry) -> np.ndarray:
-    """Φ_∂Ω, the m × m capacitance matrix (float64, host): Φ between every two ring pixels."""
+    """Φ_∂Ω, the m × m capacitance matrix (float64): Φ between every two ring pixels."""
     rows, cols = geometry.torus
     green, _ = torus_green(rows, cols)
     ry, rx = geometry.ring_rows, geometry.ring_cols
     # Φ is even in each coordinate on the torus, Φ(−dy) = Φ(dy) = Φ(P − dy), and |dy| < P:
-    # entry (i, j) is Φ at (|y_i − y_j|, |x_i − x_j|); int32 and in place, for speed
+    # entry (i, j) is Φ at (|y_i − y_j|, |x_i − x_j|), flat index Q |y_i − y_j| + |x_i − x_j|;
+    # int32 and in place, for speed
+    ry = ry * np.int32(cols)
     flat = np.subtract.outer(ry, ry)
     np.abs(flat, out=flat)
-    flat *= cols
     across = np.subtract.outer(rx, rx)
     np.abs(across, out=across)
     flat += across
     return green.ravel().take(flat)
 
 
-def solve_capacitance(matrix: np.ndarray, values: Tensor, item: int = 0) -> Tensor:
-    """Φ_∂Ω⁻¹ ``values`` ((m, k) float64 tensor) to float64 accuracy, differentiably.
+class Capacitance:
+    """One item's capacitance system, factorised: the map from boundary values to h on Ω,
+    and its adjoint.
 
-    Φ_∂Ω is well conditioned (its condition number grows like m / 3: 60 for a disc of 3000
-    pixels), so a single-precision Cholesky factorisation, twice as fast as a double one,
-    followed by one step of iterative refinement in double precision, leaves a relative error
-    of about (κ · 6e-8)², far below float64's use here. The factorisation runs on the host
-    (LAPACK through SciPy: for matrices this small it costs half of torch's call), the solves
-    on the values' device, where autograd follows them.
+    The map is linear, d ↦ h with h = Φ ⋆ σ + c on Ω and (σ, c) the solution of the
+    capacitance system for d. Its adjoint (for gradients) runs the same steps backwards:
+    the FFT convolution with the even Φ is self-adjoint, and so is Φ_∂Ω⁻¹.
     """
-    try:
-        lower = scipy.linalg.cholesky(matrix.astype(np.float32), lower=True, check_finite=False)
-    except np.linalg.LinAlgError as error:               # not in exact arithmetic: Φ_∂Ω is SPD
-        raise RuntimeError(f"capacitance matrix of item {item} (m = {len(matrix)}) is not "
-                           "numerically positive definite; use solver='direct'") from error
-    factor = torch.from_numpy(lower).to(values.device)
-    first = torch.cholesky_solve(values.float(), factor).double()
-    residual = values - torch.from_numpy(matrix).to(values.device) @ first
-    return first + torch.cholesky_solve(residual.float(), factor).double()
+
+    def __init__(self, geometry: ItemGeometry) -> None:
+        self.geometry = geometry
+        matrix = capacitance_matrix(geometry)
+        # Φ_∂Ω is symmetric: its transpose is the same matrix in Fortran order, which LAPACK
+        # factorises in place; it is well conditioned (κ grows like m / 3: 60 for a disc of
+        # 3000 pixels), so a double-precision Cholesky is exact to rounding
+        factor, info = lapack.dpotrf(matrix.T, lower=1, overwrite_a=1, clean=0)
+        if info != 0:                                      # not in exact arithmetic: SPD
+            raise RuntimeError(f"capacitance matrix of item {geometry.item} (m = "
+                               f"{geometry.ring_count}) is not numerically positive definite; "
+                               "use solver='direct'")
+        self.factor = factor
+        self.unit: np.ndarray | None = None                # Φ_∂Ω⁻¹ 1, with the first solve
+
+    def solve(self, values: np.ndarray) -> np.ndarray:
+        """Φ_∂Ω⁻¹ ``values``, (m, k) float64."""
+        return lapack.dpotrs(self.factor, values, lower=1, overwrite_b=1)[0]
+
+    def charges(self, boundary: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """σ (m, C), summing to zero per channel, and c (C,) for h = ``boundary`` (C, m) on ∂Ω:
+        Φ_∂Ω [x, u] = [d, 1] (one solve), then c = Σx / Σu and σ = x − c u."""
+        both = np.ones((boundary.shape[1], len(boundary) + 1), order="F")
+        both[:, :-1] = boundary.T
+        both = self.solve(both)
+        x, self.unit = both[:, :-1], both[:, -1]
+        shift = x.sum(0) / self.unit.sum()
+        x -= self.unit[:, None] * shift
+        return x, shift
+
+    def convolve(self, values: np.ndarray, at: np.ndarray, to: np.ndarray) -> np.ndarray:
+        """Φ ⋆ v at the torus positions ``to``, for v (C, len(at)) at the positions ``at``."""
+        rows, cols = self.geometry.torus
+        grid = np.zeros((len(values), rows * cols))
+        grid[:, at] = values
+        _, spectrum = torus_green(rows, cols)
+        spectral = scipy.fft.rfft2(grid.reshape(-1, rows, cols), overwrite_x=True)
+        spectral *= spectrum
+        return scipy.fft.irfft2(spectral, s=(rows, cols), overwrite_x=True).reshape(
+            len(values), -1).take(to, 1)
+
+    def correction(self, boundary: np.ndarray) -> np.ndarray:
+        """h on Ω (C, N) for h = ``boundary`` (C, m) on ∂Ω and L h = 0 on Ω."""
+        charges, shift = self.charges(boundary)
+        geometry = self.geometry
+        return (self.convolve(charges.T, geometry.ring_torus, geometry.inside_torus)
+                + shift[:, None])
+
+    def correction_adjoint(self, grad: np.ndarray) -> np.ndarray:
+        """The adjoint of :meth:`correction`: ∂L/∂boundary (C, m) for ∂L/∂h = ``grad`` (C, N)."""
+        geometry = self.geometry
+        if self.unit is None:
+            self.unit = self.solve(np.ones((geometry.ring_count, 1)))[:, 0]
+        grad_charges = self.convolve(grad, geometry.inside_torus, geometry.ring_torus)
+        # σ = x − c u and h = … + c: c collects Σ ∂L/∂h − uᵀ ∂L/∂σ; c = Σx / Σu spreads it
+        grad_shift = grad.sum(1) - grad_charges @ self.unit
+        grad_x = np.asfortranarray(grad_charges.T + grad_shift / self.unit.sum())
+        return self.solve(grad_x).T
 
 
-def ring_charges(boundary: Tensor, geometry: ItemGeometry) -> tuple[Tensor, Tensor]:
-    """The charges σ on ∂Ω and the constant c of h = Φ ⋆ σ + c, for h = ``boundary`` on ∂Ω.
+def ring_charges(boundary: np.ndarray,
+                 geometry: ItemGeometry) -> tuple[np.ndarray, np.ndarray]:
+    """The charges σ (m, C) on ∂Ω and the constant c (C,) of h = Φ ⋆ σ + c, for h =
+    ``boundary`` ((C, m) float64, in ring order) on ∂Ω."""
+    return Capacitance(geometry).charges(boundary)
 
-    Args:
-        boundary: (C, m) float64, the values on the ring pixels (raster order).
 
-    Returns:
-        σ (m, C), summing to zero per channel, and c (C,); both float64, differentiable.
+def harmonic_correction(boundary: np.ndarray, geometry: ItemGeometry) -> np.ndarray:
+    """h on Ω ((C, N), raster order) for h = ``boundary`` ((C, m) float64) on ∂Ω, L h = 0 on Ω."""
+    return Capacitance(geometry).correction(boundary)
+
+
+def flat_positions(geometries: list[ItemGeometry], channels: int, plane: int,
+                   which: str) -> np.ndarray:
+    """(C, K) positions, in the flattened (B, C, H, W) images, of every item's ``which``
+    (``"inside"`` or ``"ring"``) pixels, items in batch order."""
+    layers = np.arange(channels)[:, None] * plane
+    return np.concatenate([layers + (geometry.item * channels * plane + getattr(geometry, which))
+                           for geometry in geometries], 1)
+
+
+class CapacitanceBlend(torch.autograd.Function):
+    """The blend f = g − h at the masked pixels of every item (source guidance), (C, N) for
+    the batch's N masked pixels in (item, row, column) order; differentiable w.r.t. both
+    images.
+
+    The forward pass gathers the images at Ω and ∂Ω (on their device) and solves on the host
+    in NumPy; the backward pass is the adjoint of the same linear map
+    (:meth:`Capacitance.correction_adjoint`), with the same factors.
     """
-    # one solve for every channel and for the constant: Φ_∂Ω [x, y] = [boundary, 1]
-    both = solve_capacitance(capacitance_matrix(geometry),
-                             torch.cat([boundary.T, boundary.new_ones(boundary.shape[1], 1)], 1),
-                             geometry.item)
-    x, unit = both[:, :-1], both[:, -1:]
-    shift = x.sum(0) / unit.sum()                                # c per channel: 1ᵀσ = 0
-    return x - unit * shift, shift
 
+    @staticmethod
+    def forward(ctx, target: Tensor, source: Tensor,  # type: ignore[override]
+                geometries: list[ItemGeometry], inside: Tensor, ring: Tensor) -> Tensor:
+        """``geometries``: the items with a mask; ``inside``, ``ring``: their pixels' positions
+        (:func:`flat_positions`) on the images' device."""
+        gathered = torch.cat([source.take(inside), source.take(ring) - target.take(ring)],
+                             1).detach().double().cpu().numpy()
+        values, mismatch = np.split(gathered, [inside.shape[1]], 1)
+        solvers, start, stop = [], 0, 0
+        with _one_blas_thread():
+            for geometry in geometries:
+                solver = Capacitance(geometry)
+                solvers.append(solver)
+                ring_stop = stop + geometry.ring_count
+                values[:, start:start + geometry.area] -= solver.correction(
+                    mismatch[:, stop:ring_stop])
+                start, stop = start + geometry.area, ring_stop
+        ctx.solvers, ctx.positions, ctx.shape = solvers, (inside, ring), target.shape
+        ctx.dtypes = (target.dtype, source.dtype)
+        return torch.from_numpy(values).to(target.device)
 
-def harmonic_correction(boundary: Tensor, geometry: ItemGeometry) -> Tensor:
-    """h on Ω for h = ``boundary`` on ∂Ω and L h = 0 on Ω (differentiable w.r.t. ``boundary``).
-
-    Args:
-        boundary: (C, m) float64, the values on the ring pixels (raster order).
-
-    Returns:
-        (C, N) float64 at Ω's pixels (raster order).
-    """
-    rows, cols = geometry.torus
-    _, spectrum = torus_green(rows, cols)
-    charges, shift = ring_charges(boundary, geometry)
-    # σ on the torus grid, every channel: an out-of-place copy, so autograd follows it
-    grid = boundary.new_zeros(boundary.shape[0], rows * cols).index_copy(
-        1, geometry.ring_torus, charges.T)
-    potential = torch.fft.irfft2(torch.fft.rfft2(grid.view(-1, rows, cols))
-                                 * spectrum.to(grid.device), s=(rows, cols))
-    return potential.flatten(1).index_select(1, geometry.inside_torus) + shift[:, None]
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple:  # type: ignore[override]
+        grad_in = grad.double().cpu().numpy()
+        grad_ring, start = [], 0
+        with _one_blas_thread():
+            for solver in ctx.solvers:
+                area = solver.geometry.area
+                # f = g − h: ∂L/∂h = −∂L/∂f
+                grad_ring.append(solver.correction_adjoint(-grad_in[:, start:start + area]))
+                start += area
+        inside, ring = ctx.positions
+        spread = torch.from_numpy(np.concatenate(grad_ring, 1)).to(grad.device)
+        grad_source = grad.new_zeros(ctx.shape, dtype=torch.float64).view(-1)
+        grad_source.index_add_(0, inside.flatten(), grad.double().flatten())
+        grad_target = grad.new_zeros(ctx.shape, dtype=torch.float64).view(-1)
+        grad_target.index_add_(0, ring.flatten(), -spread.flatten())
+        grad_source.index_add_(0, ring.flatten(), spread.flatten())
+        return (grad_target.view(ctx.shape).to(ctx.dtypes[0]),
+                grad_source.view(ctx.shape).to(ctx.dtypes[1]), None, None, None)
 
 
 def blend_inside(target: Tensor, source: Tensor,
@@ -282,16 +376,9 @@ def blend_inside(target: Tensor, source: Tensor,
         (values (C, N) float64, positions (C, N) in the flattened (B, C, H, W) images), N the
         masked pixels of the whole batch in (item, row, column) order.
     """
+    geometries = [geometry for geometry in geometries if geometry.area]
     _, channels, height, width = target.shape
-    plane = height * width
-    layers = torch.arange(channels, device=target.device)[:, None] * plane
-    values, positions = [], []
-    for geometry in geometries:
-        if geometry.area == 0:
-            continue
-        g, f = source[geometry.item].flatten(1), target[geometry.item].flatten(1)
-        difference = (g.index_select(1, geometry.ring) - f.index_select(1, geometry.ring))
-        correction = harmonic_correction(difference.double(), geometry)
-        values.append(g.index_select(1, geometry.inside).double() - correction)
-        positions.append(layers + (geometry.item * channels * plane + geometry.inside))
-    return torch.cat(values, 1), torch.cat(positions, 1)
+    inside, ring = (torch.from_numpy(flat_positions(geometries, channels, height * width,
+                                                    which)).to(target.device)
+                    for which in ("inside", "ring"))
+    return CapacitanceBlend.apply(target, source, geometries, inside, ring), inside
