@@ -14,7 +14,8 @@ thread each (how a data-loader worker runs them), for
 and the ratio adcore exact / cv2 (below 1: adcore is faster). Crack masks come from the
 DeepCrack subset in ``../shared/data`` when it exists, and from adcore's synthetic cracks
 (small ones: ``--masks synthetic`` times these only, ``--masks deepcrack`` the others only).
-Compact "blob" masks are timed as well, the case of the capacitance method.
+Compact "blob" masks are timed as well, the case of the capacitance method, and then blobs
+from a third to twice that size, against OpenCV only.
 
 CUDA (when available): one batch of 64 such images, median of repeated timed calls.
 
@@ -70,11 +71,51 @@ def crack_masks(count: int, kind: str) -> tuple[list[np.ndarray], str]:
     return masks, origin
 
 
-def blob_mask(rng: np.random.Generator) -> np.ndarray:
+def blob_mask(rng: np.random.Generator, scale: float = 1.0, turn: float = 0.0) -> np.ndarray:
+    """A three-lobed blob of radius 15-45 px times ``scale``, turned by ``turn`` radians, at a
+    random place (kept 2 px off the image border)."""
     yy, xx = np.mgrid[:SIZE, :SIZE]
-    cy, cx = rng.integers(80, 176, size=2)
-    radius = 30 + 15 * np.sin(3 * np.arctan2(yy - cy, xx - cx))
+    reach = int(np.ceil(45 * scale)) + 2
+    cy, cx = rng.integers(max(80, reach), min(176, SIZE - reach), size=2, endpoint=True)
+    radius = scale * (30 + 15 * np.sin(3 * np.arctan2(yy - cy, xx - cx) + turn))
     return np.hypot(yy - cy, xx - cx) < radius
+
+
+def blob_sweep(targets: np.ndarray, sources: np.ndarray, count: int = 8) -> None:
+    """adcore's default against OpenCV on blobs from small to large (``count`` per size, each
+    turned differently): the per-call floor of adcore (input checks over both whole images,
+    the output copy, the set-up) against OpenCV's cost on the mask's bounding box."""
+    import cv2
+
+    print("\nblob sizes (default solver; best of 3 passes of "
+          f"{count} images, ms per image):")
+    t, s = to_torch(targets[:count]), to_torch(sources[:count])
+    u8 = lambda a: np.ascontiguousarray((a[..., ::-1] * 255).round().astype(np.uint8))  # noqa: E731
+    t8, s8 = [u8(a) for a in targets[:count]], [u8(a) for a in sources[:count]]
+    for scale in (0.3, 0.5, 0.7, 1.0, 1.5, 2.0):
+        rng = np.random.default_rng(1)
+        masks = [blob_mask(rng, scale, turn=i) for i in range(count)]
+        m = torch.from_numpy(np.stack(masks))[:, None]
+        solvers = {poisson_blend_info(t[i:i + 1], s[i:i + 1], m[i:i + 1])[1].solver
+                   for i in range(count)}
+        centres = []
+        for mask in masks:
+            ys, xs = np.nonzero(mask)
+            centres.append((int((xs.min() + xs.max() + 1) // 2),
+                            int((ys.min() + ys.max() + 1) // 2)))
+        m8 = [mask.astype(np.uint8) * 255 for mask in masks]
+
+        def exact(i: int, m: torch.Tensor = m) -> None:
+            poisson_blend(t[i:i + 1], s[i:i + 1], m[i:i + 1])
+
+        def opencv(i: int, m8: list = m8, centres: list = centres) -> None:
+            cv2.seamlessClone(s8[i], t8[i], m8[i], centres[i], cv2.NORMAL_CLONE)
+
+        ours = min(time_per_image(exact, count, repeats=1) for _ in range(3))
+        theirs = min(time_per_image(opencv, count, repeats=1) for _ in range(3))
+        area = np.mean([mask.sum() for mask in masks])
+        print(f"  scale {scale:3.1f} (N ≈ {area:5.0f} px, {', '.join(sorted(solvers)):<20}) "
+              f"adcore {ours * 1e3:5.2f}  cv2 {theirs * 1e3:5.2f}  ratio {ours / theirs:.2f}")
 
 
 def images(count: int) -> tuple[np.ndarray, np.ndarray]:
@@ -233,6 +274,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     blobs = [blob_mask(rng) for _ in range(min(8, len(masks)))]
     cpu_table(targets, sources, blobs, "compact blob masks (radius 15-45 px)")
+    blob_sweep(targets, sources, min(8, len(masks)))
     if torch.cuda.is_available():
         cuda_timing(targets, sources, masks, f"crack masks from {origin}")
         cuda_timing(targets, sources, blobs, "blob masks")
