@@ -402,9 +402,10 @@ def test_prepare_on_the_shared_cracks(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------- Table 1
 def _result(path: Path, dataset: str, loss: str, fast: bool, date: str, auroc: float,
-            target: str | None = None) -> None:
+            target: str | None = None, epochs: int | None = None) -> None:
     config = {"method": "cflow", "dataset": dataset, "loss": loss, "fast": fast,
-              "category": "tile" if dataset == "mvtec" else None}
+              "category": "tile" if dataset == "mvtec" else None,
+              "train": {"epochs": epochs if epochs is not None else (4 if fast else 200)}}
     if target:
         config["contrastive_setup"] = {"data": {"target": target}}
     metrics = {"image_auroc": 0.9, "pixel_auroc": auroc, "pixel_auroc_per_image": 0.9,
@@ -435,6 +436,26 @@ def test_results_table_reads_only_result_files(tmp_path: Path) -> None:
     assert rows["none"]["measured"]["tile"]["pixel_aupro"] == pytest.approx(77.0)
     assert rows["none"]["measured"]["crack500"] is None  # not run
     assert all(row["measured"][c] is None for row in rows.values() for c in PRIVATE_COLUMNS)
+    assert boundary["schedule"] == "paper" and boundary["epochs"] == 200
+    assert rows["cl"]["measured"]["crack500"]["schedule"] == "fast"
     (tmp_path / "cflow_broken.json").write_text("{not json")
     with pytest.raises(ValueError, match="cflow_broken.json"):
         results_table(tmp_path)
+
+
+def test_results_table_ranks_fast_reduced_and_paper_runs(tmp_path: Path) -> None:
+    """A run with the paper's data but fewer epochs is marked "reduced": it beats a --fast
+    run, loses to a run of the paper's schedule, and more epochs beat fewer."""
+    def crack(name: str, fast: bool, date: str, auroc: float, epochs: int) -> None:
+        _result(tmp_path / name, "cracks", "none", fast, date, auroc, "cfd", epochs)
+
+    crack("cflow_cracks_cfd_none_fast.json", True, "2026-01-05", 0.80, 4)
+    crack("cflow_cracks_cfd_none_e16.json", False, "2026-01-01", 0.85, 16)
+    measured = results_table(tmp_path)[0]["measured"]["crack500"]
+    assert (measured["schedule"], measured["epochs"]) == ("reduced", 16)
+    assert measured["pixel_auroc"] == pytest.approx(85.0)
+    crack("cflow_cracks_cfd_none_e8.json", False, "2026-01-09", 0.86, 8)
+    assert results_table(tmp_path)[0]["measured"]["crack500"]["epochs"] == 16
+    crack("cflow_cracks_cfd_none.json", False, "2026-01-02", 0.90, 200)
+    measured = results_table(tmp_path)[0]["measured"]["crack500"]
+    assert (measured["schedule"], measured["pixel_auroc"]) == ("paper", pytest.approx(90.0))

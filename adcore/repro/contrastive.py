@@ -316,9 +316,12 @@ def results_table(results_dir: str | Path) -> list[dict[str, Any]]:
     """The rows of the paper's Table 1 next to the runs measured in ``results_dir``.
 
     Measured cells come only from CFlow-AD result files (``cflow_*.json``) whose
-    configuration names the data set and loss; a cell without one is None ("not run"). When
-    several files fill a cell, a standard run beats a ``--fast`` one and, among equals, the
-    most recent wins. The paper's values live in their own key and never fill a measured cell.
+    configuration names the data set and loss; a cell without one is None ("not run"). Each
+    cell says how its run was trained (``schedule``): ``"paper"`` (the paper's data and
+    number of epochs), ``"reduced"`` (the paper's data, fewer epochs: ``--epochs``) or
+    ``"fast"`` (``--fast``). When several files fill a cell, a paper run beats a reduced one,
+    which beats a fast one; then more epochs win, then the most recent run. The paper's values
+    live in their own key and never fill a measured cell.
 
     Args:
         results_dir: the folder of result files (``book/results``).
@@ -326,14 +329,18 @@ def results_table(results_dir: str | Path) -> list[dict[str, Any]]:
     Returns:
         One dict per loss: ``loss``, ``paper`` (column -> (pixel AUROC, pixel AUPRO) in %),
         ``measured`` (column -> None or a dict with ``pixel_auroc``, ``pixel_aupro`` in %,
-        ``data``, ``fast``, ``file`` and ``provenance``: device, date, git commit).
+        ``data``, ``fast``, ``schedule``, ``epochs`` (None if the file does not say),
+        ``file`` and ``provenance``: device, date, git commit).
 
     Raises:
         ValueError: a ``cflow_*.json`` file that is not a runner result (named).
     """
     import json
 
-    best: dict[tuple[str, str], dict[str, Any]] = {}
+    from adcore.repro.cflow import STANDARD
+
+    levels = {"fast": 0, "reduced": 1, "paper": 2}
+    best: dict[tuple[str, str], tuple[tuple, dict[str, Any]]] = {}
     for path in sorted(Path(results_dir).glob("cflow_*.json")):
         try:
             result = json.loads(path.read_text())
@@ -347,16 +354,21 @@ def results_table(results_dir: str | Path) -> list[dict[str, Any]]:
         if column is None or loss not in PAPER_TABLE1:
             continue
         provenance = result["provenance"]
+        fast = bool(result["config"].get("fast"))
+        epochs = (result["config"].get("train") or {}).get("epochs")
+        schedule = ("fast" if fast else
+                    "paper" if epochs is not None and epochs >= STANDARD["epochs"] else "reduced")
         cell = {"pixel_auroc": 100 * float(result["metrics"]["pixel_auroc"]),
                 "pixel_aupro": 100 * float(result["metrics"]["pixel_aupro"]),
-                "data": data, "fast": bool(result["config"].get("fast")), "file": path.name,
+                "data": data, "fast": fast, "schedule": schedule, "epochs": epochs,
+                "file": path.name,
                 "provenance": {k: provenance.get(k) for k in ("device", "date", "git_commit")}}
-        rank = (not cell["fast"], str(provenance.get("date", "")))
-        current = best.get((loss, column))
-        if current is None or rank > (not current["fast"], str(current["provenance"]["date"])):
-            best[(loss, column)] = cell
+        rank = (levels[schedule], epochs or 0, str(provenance.get("date", "")))
+        if (loss, column) not in best or rank > best[(loss, column)][0]:
+            best[(loss, column)] = (rank, cell)
     return [{"loss": loss, "paper": dict(paper),
-             "measured": {column: best.get((loss, column)) for column in TABLE1_COLUMNS}}
+             "measured": {column: best[(loss, column)][1] if (loss, column) in best else None
+                          for column in TABLE1_COLUMNS}}
             for loss, paper in PAPER_TABLE1.items()]
 
 
