@@ -460,12 +460,12 @@ def poisson_blend(target: Tensor, source: Tensor, mask: Tensor, *,
             Cholesky, or by sparse LU where its band is over
             :data:`adcore.poisson.direct.MAX_BAND` pixels), ``"capacitance"`` (per item, exact
             to rounding, images on any device, solved on the host; the source guidance
-            only, and no mask reaching two opposite image borders) or ``"auto"``. On the CPU, unless ``max_iter``,
-            ``preconditioner`` or ``check_every`` is given, ``"auto"`` takes ``"direct"`` when
-            every item's band is at most 32 pixels; otherwise ``"capacitance"`` when it applies
-            and every item is compact (at most 7 √N boundary pixels for N masked ones);
-            otherwise ``"direct"``, or ``"cg"`` for a large compact mask too wide for the band
-            Cholesky. On a GPU, ``"cg"``.
+            only, and no mask reaching two opposite image borders) or ``"auto"``. On the
+            CPU, unless ``max_iter``, ``preconditioner`` or ``check_every`` is given,
+            ``"auto"`` takes ``"direct"`` when every item's band is at most 32 pixels;
+            otherwise ``"capacitance"`` when it applies and every item is compact (at most
+            7 √N boundary pixels for N masked ones); otherwise ``"direct"``, or ``"cg"`` for a
+            large compact mask too wide for the band Cholesky. On a GPU, ``"cg"``.
 
     Returns:
         (B, C, H, W), the target's dtype and device.
