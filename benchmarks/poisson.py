@@ -90,26 +90,19 @@ def blob_sweep(targets: np.ndarray, sources: np.ndarray, count: int = 8) -> None
     print("\nblob sizes (default solver; best of 3 passes of "
           f"{count} images, ms per image):")
     t, s = to_torch(targets[:count]), to_torch(sources[:count])
-    u8 = lambda a: np.ascontiguousarray((a[..., ::-1] * 255).round().astype(np.uint8))  # noqa: E731
-    t8, s8 = [u8(a) for a in targets[:count]], [u8(a) for a in sources[:count]]
     for scale in (0.3, 0.5, 0.7, 1.0, 1.5, 2.0):
         rng = np.random.default_rng(1)
         masks = [blob_mask(rng, scale, turn=i) for i in range(count)]
         m = torch.from_numpy(np.stack(masks))[:, None]
         solvers = {poisson_blend_info(t[i:i + 1], s[i:i + 1], m[i:i + 1])[1].solver
                    for i in range(count)}
-        centres = []
-        for mask in masks:
-            ys, xs = np.nonzero(mask)
-            centres.append((int((xs.min() + xs.max() + 1) // 2),
-                            int((ys.min() + ys.max() + 1) // 2)))
-        m8 = [mask.astype(np.uint8) * 255 for mask in masks]
+        clone_args = opencv_inputs(targets, sources, masks)
 
         def exact(i: int, m: torch.Tensor = m) -> None:
             poisson_blend(t[i:i + 1], s[i:i + 1], m[i:i + 1])
 
-        def opencv(i: int, m8: list = m8, centres: list = centres) -> None:
-            cv2.seamlessClone(s8[i], t8[i], m8[i], centres[i], cv2.NORMAL_CLONE)
+        def opencv(i: int, clone_args: list = clone_args) -> None:
+            cv2.seamlessClone(*clone_args[i], cv2.NORMAL_CLONE)
 
         ours = min(time_per_image(exact, count, repeats=1) for _ in range(3))
         theirs = min(time_per_image(opencv, count, repeats=1) for _ in range(3))
@@ -129,6 +122,20 @@ def images(count: int) -> tuple[np.ndarray, np.ndarray]:
 
 def to_torch(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2).contiguous()
+
+
+def opencv_inputs(targets: np.ndarray, sources: np.ndarray,
+                  masks: list[np.ndarray]) -> list[tuple]:
+    """``cv2.seamlessClone``'s arguments (source, target, mask, centre) for each mask: 8-bit
+    BGR images, and the centre of the mask's bounding box, where seamlessClone puts it (so
+    the mask stays in place)."""
+    u8 = lambda a: np.ascontiguousarray((a[..., ::-1] * 255).round().astype(np.uint8))  # noqa: E731
+    inputs = []
+    for target, source, mask in zip(targets, sources, masks):
+        ys, xs = np.nonzero(mask)
+        centre = (int((xs.min() + xs.max() + 1) // 2), int((ys.min() + ys.max() + 1) // 2))
+        inputs.append((u8(source), u8(target), mask.astype(np.uint8) * 255, centre))
+    return inputs
 
 
 def time_per_image(fn, count: int, repeats: int = 3) -> float:
@@ -154,14 +161,7 @@ def cpu_table(targets: np.ndarray, sources: np.ndarray, masks: list[np.ndarray],
     count = len(masks)
     t, s = to_torch(targets[:count]), to_torch(sources[:count])
     m = torch.from_numpy(np.stack(masks))[:, None]
-    u8 = lambda a: np.ascontiguousarray((a[..., ::-1] * 255).round().astype(np.uint8))  # noqa: E731
-    t8, s8 = [u8(a) for a in targets[:count]], [u8(a) for a in sources[:count]]
-    m8 = [mask.astype(np.uint8) * 255 for mask in masks]
-    centres = []
-    for mask in masks:
-        ys, xs = np.nonzero(mask)
-        # seamlessClone centres the mask's bounding box at this point: keep it in place
-        centres.append((int((xs.min() + xs.max() + 1) // 2), int((ys.min() + ys.max() + 1) // 2)))
+    clone_args = opencv_inputs(targets, sources, masks)
 
     iterations = []
 
@@ -183,7 +183,7 @@ def cpu_table(targets: np.ndarray, sources: np.ndarray, masks: list[np.ndarray],
         poisson_blend_box(t[i:i + 1], s[i:i + 1], m[i:i + 1])
 
     def opencv(i: int) -> None:
-        cv2.seamlessClone(s8[i], t8[i], m8[i], centres[i], cv2.NORMAL_CLONE)
+        cv2.seamlessClone(*clone_args[i], cv2.NORMAL_CLONE)
 
     # interleave them so that load on a shared machine hits them alike
     times = {"adcore exact": [], "adcore exact, direct": [], "adcore exact, CG": [],

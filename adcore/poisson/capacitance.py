@@ -111,7 +111,7 @@ class ItemGeometry:
         return len(self.inside)
 
 
-def item_geometry(mask: np.ndarray | Tensor, item: int,
+def item_geometry(mask: np.ndarray, item: int,
                   max_ring_per_root_area: float | None = None) -> ItemGeometry | str:
     """The geometry of ``mask`` (H, W) bool, or why the method does not apply (a sentence).
 
@@ -127,7 +127,7 @@ def item_geometry(mask: np.ndarray | Tensor, item: int,
     positions). A mask that touches two opposite borders would need infinitely many
     reflections: the method declines it.
     """
-    image = mask.cpu().numpy() if isinstance(mask, Tensor) else np.asarray(mask, bool)
+    image = np.asarray(mask, dtype=bool)
     height, width = image.shape
     filled_rows, filled_cols = np.flatnonzero(image.any(1)), np.flatnonzero(image.any(0))
     if filled_rows.size == 0:
