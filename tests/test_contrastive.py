@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from adcore import seed_everything
 from adcore.cflow import CFlowConfig, CFlowModel
 from adcore.data import make_synthetic_dataset
 from adcore.data.cracks import crack_root
@@ -202,18 +203,26 @@ def test_start_epoch_is_respected_and_masks_reach_feature_resolution(tiny_model_
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_each_kind_trains_with_finite_losses_and_moves_the_flows(kind: str,
-                                                                 tiny_model_factory) -> None:
-    model = tiny_model_factory()
-    before = [p.detach().clone() for p in model.flows.parameters()]
-    config = paper_train_config(epochs=2, batch_size=2, fiber_batch=2)
-    history = train_cflow(model, _Images(4, 32), config, augment=_square_augment([]),
-                          contrastive=make_contrastive(kind), contrastive_start_epoch=1,
-                          show_progress=False)
+def test_each_kind_trains_with_finite_losses_and_its_term_moves_the_flows(
+        kind: str, tiny_model_factory) -> None:
+    objective = make_contrastive(kind)
+
+    def trained(weight: float) -> tuple[dict, list[torch.Tensor]]:
+        seed_everything(0)          # the flows' initial weights and the fiber draws
+        model = tiny_model_factory()
+        config = paper_train_config(epochs=2, batch_size=2, fiber_batch=2)
+        history = train_cflow(model, _Images(4, 32), config, augment=_square_augment([]),
+                              contrastive=lambda pair: weight * objective(pair),
+                              contrastive_start_epoch=1, show_progress=False)
+        return history, [p.detach() for p in model.flows.parameters()]
+
+    history, after = trained(1.0)
     assert all(math.isfinite(v) for epoch in history["loss"] for v in epoch)
-    after = list(model.flows.parameters())
     assert all(torch.isfinite(p).all() for p in after)
-    assert any(not torch.equal(a, b) for a, b in zip(before, after))
+    # the same run with the term weighted by zero (same data, augmentation and fibers): the
+    # term's gradient, and only it, makes the difference
+    _, without_term = trained(0.0)
+    assert any(not torch.equal(a, b) for a, b in zip(without_term, after))
 
 
 # --------------------------------------------------------------------------- the augmentation
