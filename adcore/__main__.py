@@ -11,7 +11,9 @@ import importlib
 import sys
 from pathlib import Path
 
+from adcore.losses import FLOW_LOSS_KINDS, MASK_RULES
 from adcore.repro.common import DATASETS, METHODS, ReproArgs, run_method
+from adcore.train.contrastive import FUSION_WEIGHTS
 
 LOSSES = ("none", "boundary", "cl", "likelihood", "fusion")
 
@@ -42,6 +44,14 @@ def _parser() -> argparse.ArgumentParser:
     repro.add_argument("--stage-threads", type=int, default=1,
                        help="cflow on the CPU: feature stages trained at once, one thread each "
                             "(same steps; best with as many free cores)")
+    repro.add_argument("--flow-loss", default=None, choices=FLOW_LOSS_KINDS,
+                       help="cflow contrastive runs: the flow loss (default: logsigmoid, "
+                            "CFlow-AD's code; nll: the paper's Eq. 3 per fiber)")
+    repro.add_argument("--mask-rule", default="binary", choices=MASK_RULES,
+                       help="cflow contrastive runs: defect masks at feature resolution "
+                            "(binary: >= half covered is anomalous, mixed cells left out)")
+    repro.add_argument("--fusion", default="sum", choices=FUSION_WEIGHTS,
+                       help="--loss fusion: L_NF + B + L (sum) or the printed form (literal)")
     repro.add_argument("--force", action="store_true", help="replace an existing --out file")
     repro.add_argument("--out", type=Path, required=True, help="result file (.json)")
 

@@ -40,12 +40,20 @@ fiber batch must be drawn with the *same* indices to form the pairs (x, x'). The
   own standard normal in R^C), then averaged over fibers. With a binary mask
   ``CosSim(M z, M z')`` is the fiber's cosine when M = 1 and ``CosSim(0, 0) := 0`` when
   M = 0 (the zero vector has no direction), so the term is ``mean((2M - 1) cos(z, z'))``.
-- Masks may be boolean or float in [0, 1] (e.g. an anomaly mask area-downsampled to the
-  feature grid); soft values weight the two sides linearly (``M`` and ``1 - M``).
+- Masks at feature resolution come from :func:`feature_masks`, by one of
+  :data:`MASK_RULES`. The default, ``"binary"``, marks a fiber anomalous (1) when its cell is
+  at least half covered by the pasted defect, healthy (0) when the cell is untouched, and
+  leaves the mixed cells out of the term (:data:`LEFT_OUT`, -1): a term is then the mean over
+  the fibers that are in it. ``"nearest"`` is the reference codes' reduction (CFlow-AD and
+  BGAD resize the mask by nearest interpolation, so every fiber is 0 or 1); ``"area"`` (the
+  anomalous fraction of each cell, weighting the two sides linearly by ``M`` and ``1 - M``)
+  is kept as an ablation only: at 256 px most fibers a thin crack touches are partly covered
+  (0 < M < 0.5), and for such a fiber L_boundary and L_Likelihood pull log p *up*, towards
+  the healthy side. Chapter 8 shows both.
 - Empty selections need no special case: with the global mean, a batch without anomalous
   fibers simply has a zero anomalous part (and likewise for normal fibers); the result is
-  always finite. Only an empty batch (N = 0) or an empty set of normal log-likelihoods
-  for the quantile q(beta) is an error.
+  always finite, and a batch whose fibers are all left out gives 0. Only an empty batch
+  (N = 0) or an empty set of normal log-likelihoods for the quantile q(beta) is an error.
 - Scale: the functions take log-likelihoods as given. BGAD's code applies beta and tau to
   ``log p / C / 10``; the paper does not say which scale its tau = 0.1 refers to. The
   training loop chooses (and documents) the scale it passes.
@@ -61,6 +69,7 @@ contrastive terms.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +78,9 @@ from torch import Tensor
 __all__ = [
     "FLOW_LOSS_KINDS",
     "CONTRASTIVE_KINDS",
+    "LEFT_OUT",
+    "MASK_RULES",
+    "feature_masks",
     "log_likelihood",
     "flow_loss",
     "normal_boundary",
@@ -80,6 +92,12 @@ __all__ = [
 
 FLOW_LOSS_KINDS = ("nll", "logsigmoid")
 CONTRASTIVE_KINDS = ("none", "boundary", "cl", "likelihood", "fusion")
+#: how a pixel mask becomes one value per fiber (:func:`feature_masks`); the first is the default
+MASK_RULES = ("binary", "nearest", "area")
+#: the fiber-mask value of a cell left out of the contrastive terms (``"binary"``'s mixed cells)
+LEFT_OUT = -1.0
+#: ``"binary"``: a cell at least this much covered by the defect is anomalous
+BINARY_COVERAGE = 0.5
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -172,6 +190,55 @@ def flow_loss(log_p: Tensor, n_channels: int, kind: str = "nll") -> Tensor:
 # ------------------------------------------------------------------ contrastive terms
 
 
+def feature_masks(masks: Tensor, sizes: Sequence[tuple[int, int]], rule: str = "binary",
+                  ) -> list[Tensor]:
+    """The pasted defect's mask at each feature stage's resolution: one value per fiber.
+
+    This is the M_x' of Section 2.3 (the paper does not say how the image mask is reduced).
+
+    - ``"binary"`` (default): with ``c`` the fraction of a cell covered by the defect, 1 where
+      ``c >= 0.5``, 0 where ``c == 0``, :data:`LEFT_OUT` (-1) in between: a fiber counts as
+      anomalous only when the defect is most of what it sees, as healthy only when it sees
+      none of it, and the mixed fibers are left out of the contrastive terms.
+    - ``"nearest"``: the reference codes' reduction (``F.interpolate(mask, size,
+      mode="nearest")`` in CFlow-AD and BGAD): the value of one pixel per cell, 0 or 1.
+    - ``"area"``: the covered fraction ``c`` itself, which weights the two sides of each term
+      by ``c`` and ``1 - c`` (an ablation: it pulls partly covered fibers towards the healthy
+      side, see the module docstring).
+
+    Args:
+        masks: (B, 1, S, S) defect masks, bool or float in {0, 1} (any device).
+        sizes: per stage, the (H_l, W_l) feature grid.
+        rule: one of :data:`MASK_RULES`.
+
+    Returns:
+        Per stage, (B, H_l, W_l) float32 fiber masks.
+
+    Raises:
+        ValueError: an unknown rule (the valid ones are listed) or masks not (B, 1, H, W).
+    """
+    if rule not in MASK_RULES:
+        raise ValueError(f"mask rule {rule!r}: expected one of {', '.join(MASK_RULES)}")
+    if not isinstance(masks, Tensor) or masks.dim() != 4 or masks.shape[1] != 1:
+        raise ValueError(f"masks must be a (B, 1, H, W) tensor, got "
+                         f"{tuple(masks.shape) if isinstance(masks, Tensor) else type(masks).__name__}")
+    masks = masks.float()
+    out = []
+    for size in sizes:
+        if rule == "nearest":
+            out.append(F.interpolate(masks, size=tuple(size), mode="nearest")[:, 0])
+            continue
+        coverage = F.adaptive_avg_pool2d(masks, tuple(size))[:, 0]
+        if rule == "area":
+            out.append(coverage)
+            continue
+        binary = torch.full_like(coverage, LEFT_OUT)
+        binary[coverage == 0] = 0.0
+        binary[coverage >= BINARY_COVERAGE] = 1.0
+        out.append(binary)
+    return out
+
+
 def _check_fibers(name: str, tensor: Tensor, n_fibers: int | None = None) -> Tensor:
     """Validate a per-fiber vector (N,) and return it in at least float32."""
     _check_floating(name, tensor)
@@ -187,8 +254,11 @@ def _check_fibers(name: str, tensor: Tensor, n_fibers: int | None = None) -> Ten
     return _at_least_float32(tensor)
 
 
-def _mask_weights(mask: Tensor, like: Tensor, name: str = "mask") -> Tensor:
-    """The anomaly mask (N,) as weights in [0, 1] with the dtype of ``like``."""
+def _mask_weights(mask: Tensor, like: Tensor, name: str = "mask") -> tuple[Tensor, Tensor]:
+    """The fiber mask (N,) as (anomalous weight in [0, 1], inclusion in {0, 1}), dtype of ``like``.
+
+    A value of :data:`LEFT_OUT` marks a fiber that is in neither side of the term.
+    """
     if not isinstance(mask, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
     if mask.shape != like.shape:
@@ -199,14 +269,23 @@ def _mask_weights(mask: Tensor, like: Tensor, name: str = "mask") -> Tensor:
     if mask.is_complex():
         raise TypeError(f"{name} must be bool, integer or float in [0, 1], got dtype {mask.dtype}")
     weights = mask.to(like.dtype)
+    included = (weights != LEFT_OUT).to(like.dtype)
     # Checking values on an accelerator would force a host synchronisation in the training
     # loop; CPU tensors (tests, notebooks) are checked.
-    if weights.device.type == "cpu" and not bool(((weights >= 0) & (weights <= 1)).all()):
-        raise ValueError(
-            f"{name} values must lie in [0, 1] (1 = anomalous fiber), got min "
-            f"{weights.min().item():g}, max {weights.max().item():g}"
-        )
-    return weights
+    if weights.device.type == "cpu":
+        valid = ((weights >= 0) & (weights <= 1)) | (weights == LEFT_OUT)
+        if not bool(valid.all()):
+            bad = weights[~valid]
+            raise ValueError(
+                f"{name} values must lie in [0, 1] (1 = anomalous fiber) or be {LEFT_OUT:g} "
+                f"(left out), got min {bad.min().item():g}, max {bad.max().item():g}"
+            )
+    return weights.clamp(min=0.0), included
+
+
+def _masked_mean(values: Tensor, included: Tensor) -> Tensor:
+    """Mean of per-fiber values over the fibers in the term (0 when none is)."""
+    return (values * included).sum() / included.sum().clamp(min=1.0)
 
 
 def normal_boundary(log_p_normal: Tensor, beta: float = 0.05) -> Tensor:
@@ -252,7 +331,8 @@ def boundary_loss(
             uses every mask = 0 fiber of its batch: pass
             ``torch.cat([log_p_real, log_p_aug[mask_aug == 0]])`` for that variant.
         log_p_aug: (N,) float, log-likelihoods of the augmented images' fibers.
-        mask_aug: (N,) bool or float in [0, 1], 1 where the fiber shows the synthetic anomaly.
+        mask_aug: (N,) bool or float in [0, 1], 1 where the fiber shows the synthetic anomaly,
+            or :data:`LEFT_OUT` for a fiber left out (see :func:`feature_masks`).
         beta: quantile level of the boundary (paper: 5 %).
         tau: margin between the healthy boundary and the anomalous one (paper: 0.1), >= 0,
             in the units of the log-likelihoods passed.
@@ -268,12 +348,13 @@ def boundary_loss(
         raise ValueError(f"tau must be a margin >= 0 (paper: 0.1), got {tau!r}")
     q = normal_boundary(log_p_normal, beta)
     log_p_aug = _check_fibers("log_p_aug", log_p_aug)
-    anomalous = _mask_weights(mask_aug, log_p_aug, "mask_aug")
+    anomalous, included = _mask_weights(mask_aug, log_p_aug, "mask_aug")
     q = q.to(log_p_aug.dtype)
     # |min(a, 0)| = relu(-a) and |max(b, 0)| = relu(b): the paper's norms of hinge values.
     healthy_below = torch.relu(q - log_p_aug)
     anomalous_above = torch.relu(log_p_aug - q + tau)
-    return ((1.0 - anomalous) * healthy_below + anomalous * anomalous_above).mean()
+    return _masked_mean((1.0 - anomalous) * healthy_below + anomalous * anomalous_above,
+                        included)
 
 
 def cosine_loss(feat_real: Tensor, feat_aug: Tensor, mask: Tensor) -> Tensor:
@@ -289,7 +370,8 @@ def cosine_loss(feat_real: Tensor, feat_aug: Tensor, mask: Tensor) -> Tensor:
         feat_real: (N, C) float, flow outputs ``phi(x)`` of the real image's fibers.
         feat_aug: (N, C) float, flow outputs ``phi(x')`` of the augmented image's fibers
             at the same positions.
-        mask: (N,) bool or float in [0, 1], 1 where the fiber shows the synthetic anomaly.
+        mask: (N,) bool or float in [0, 1], 1 where the fiber shows the synthetic anomaly,
+            or :data:`LEFT_OUT` for a fiber left out (see :func:`feature_masks`).
 
     Returns:
         Scalar tensor; gradients flow to both feature tensors.
@@ -310,9 +392,9 @@ def cosine_loss(feat_real: Tensor, feat_aug: Tensor, mask: Tensor) -> Tensor:
     cosine = F.cosine_similarity(
         _at_least_float32(feat_real), _at_least_float32(feat_aug), dim=1, eps=1e-8
     )
-    anomalous = _mask_weights(mask, cosine)
+    anomalous, included = _mask_weights(mask, cosine)
     # M cos - (1 - M) cos = (2M - 1) cos
-    return ((2.0 * anomalous - 1.0) * cosine).mean()
+    return _masked_mean((2.0 * anomalous - 1.0) * cosine, included)
 
 
 def likelihood_difference_loss(
@@ -339,7 +421,8 @@ def likelihood_difference_loss(
         log_p_real: (N,) float, log-likelihoods of the real image's fibers.
         log_p_aug: (N,) float, log-likelihoods of the augmented image's fibers at the same
             positions.
-        mask: (N,) bool or float in [0, 1], 1 where the fiber shows the synthetic anomaly.
+        mask: (N,) bool or float in [0, 1], 1 where the fiber shows the synthetic anomaly,
+            or :data:`LEFT_OUT` for a fiber left out (see :func:`feature_masks`).
         max_gap: None (the paper, unbounded) or a positive cap of the anomalous gap.
 
     Returns:
@@ -353,10 +436,10 @@ def likelihood_difference_loss(
         raise ValueError(f"max_gap must be None (the paper) or > 0, got {max_gap!r}")
     log_p_real = _check_fibers("log_p_real", log_p_real)
     log_p_aug = _check_fibers("log_p_aug", log_p_aug, n_fibers=log_p_real.shape[0])
-    anomalous = _mask_weights(mask, log_p_real)
+    anomalous, included = _mask_weights(mask, log_p_real)
     gap = (log_p_real - log_p_aug).abs()
     anomalous_gap = gap if max_gap is None else gap.clamp(max=max_gap)
-    return ((1.0 - anomalous) * gap - anomalous * anomalous_gap).mean()
+    return _masked_mean((1.0 - anomalous) * gap - anomalous * anomalous_gap, included)
 
 
 def contrastive_term(

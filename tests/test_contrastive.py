@@ -16,7 +16,7 @@ from adcore import seed_everything
 from adcore.cflow import CFlowConfig, CFlowModel
 from adcore.data import make_synthetic_dataset
 from adcore.data.cracks import crack_root
-from adcore.losses import contrastive_term
+from adcore.losses import LEFT_OUT, contrastive_term
 from adcore.repro.common import ReproArgs
 from adcore.repro.contrastive import (
     PAPER_TABLE1,
@@ -80,7 +80,7 @@ def test_objective_without_anomalous_fibers_is_finite(kind: str) -> None:
 @pytest.mark.parametrize("kind", KINDS)
 def test_dimension_unit_is_the_fiber_term_with_margins_times_c(kind: str) -> None:
     pair = _pair(channels=7)
-    got = ContrastiveObjective(kind, tau=0.3, max_gap=0.5, unit="dimension")(pair)
+    got = ContrastiveObjective(kind, tau=0.3, max_gap=0.5, unit="dimension", flow_loss="nll")(pair)
     expected = contrastive_term(kind, log_p_real=pair.log_p_real, log_p_aug=pair.log_p_aug,
                                 mask=pair.mask, feat_real=pair.z_real, feat_aug=pair.z_aug,
                                 tau=0.3 * 7, max_gap=0.5 * 7)
@@ -95,7 +95,7 @@ def test_dimension_unit_is_the_fiber_term_with_margins_times_c(kind: str) -> Non
 
 def test_fiber_unit_is_the_literal_formula() -> None:
     pair = _pair()
-    got = ContrastiveObjective("boundary", tau=0.1, unit="fiber")(pair)
+    got = ContrastiveObjective("boundary", tau=0.1, unit="fiber", flow_loss="nll")(pair)
     q = torch.quantile(pair.log_p_real, 0.05)
     m = pair.mask
     by_hand = ((1 - m) * torch.clamp(pair.log_p_aug - q, max=0).abs()
@@ -116,7 +116,7 @@ def test_logsigmoid_flow_loss_gets_the_term_per_dimension() -> None:
 def test_make_contrastive_none_and_bad_settings() -> None:
     assert make_contrastive("none") is None
     assert make_contrastive("fusion", tau=0.2).tau == 0.2
-    with pytest.raises(ValueError, match="kind must be one of"):
+    with pytest.raises(ValueError, match="unknown contrastive kind"):
         make_contrastive("triplet")
     with pytest.raises(ValueError, match="none"):
         ContrastiveObjective("none")
@@ -136,7 +136,8 @@ def test_paper_schedule() -> None:
     config = paper_train_config()
     assert (config.epochs, config.batch_size, config.lr) == (200, 8, 2e-4)
     assert config.schedule == "step" and tuple(config.milestones) == (50, 75, 90)
-    assert config.flow_loss == "nll" and CONTRASTIVE_START_EPOCH == 8
+    # the flow loss of CFlow-AD's reference code, on which the paper builds
+    assert config.flow_loss == "logsigmoid" and CONTRASTIVE_START_EPOCH == 8
     lrs = [config.learning_rate(e, 0, 1) for e in (0, 49, 50, 74, 75, 90, 199)]
     expected = [2e-4, 2e-4, 2e-5, 2e-5, 2e-6, 2e-7, 2e-7]
     assert all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(lrs, expected))
@@ -189,17 +190,26 @@ def test_start_epoch_is_respected_and_masks_reach_feature_resolution(tiny_model_
         return objective(pair)
 
     config = paper_train_config(epochs=3, batch_size=2, fiber_batch=2)
-    train_cflow(model, _Images(4, 32), config, augment=_square_augment(calls), contrastive=spy,
-                contrastive_start_epoch=2, show_progress=False)
-    # 2 image batches per epoch; only the last epoch (index 2) is augmented
-    assert calls == [2, 2]
-    # steps per image batch: 32/2 + 8/2 + 2/2 = 21 pairs, each of 2 fibers
-    assert len(seen_masks) == 2 * 21
-    masks = torch.cat(seen_masks)
-    # the 16x16 quarter of a 32x32 image: at strides 8/16/32 the stages see exactly a quarter
-    # (binary cells) for the first two, and a quarter of the only cell for the last
-    assert set(masks.unique().tolist()) <= {0.0, 0.25, 1.0}
-    assert 0.0 < float(masks.mean()) < 0.5
+    for rule, values in (("area", {0.0, 0.25, 1.0}), ("binary", {0.0, LEFT_OUT, 1.0})):
+        calls.clear()
+        seen_masks.clear()
+        train_cflow(tiny_model_factory(), _Images(4, 32), config,
+                    augment=_square_augment(calls), contrastive=spy,
+                    contrastive_start_epoch=2, mask_rule=rule, show_progress=False)
+        # 2 image batches per epoch; only the last epoch (index 2) is augmented
+        assert calls == [2, 2]
+        # steps per image batch: 32/2 + 8/2 + 2/2 = 21 pairs, each of 2 fibers
+        assert len(seen_masks) == 2 * 21
+        masks = torch.cat(seen_masks)
+        # the 16x16 quarter of a 32x32 image: at strides 8/16/32 the first two stages see
+        # whole cells (0 or 1), the last a quarter of its only cell: 0.25 by area, left out
+        # by the binary rule
+        assert set(masks.unique().tolist()) <= values
+        assert 0.0 < float(masks.clamp(min=0).mean()) < 0.5
+        assert (LEFT_OUT in masks.tolist()) == (rule == "binary")
+    with pytest.raises(ValueError, match="binary, nearest, area"):
+        train_cflow(model, _Images(4, 32), config, augment=_square_augment([]), contrastive=spy,
+                    mask_rule="soft", show_progress=False)
 
 
 @pytest.mark.parametrize("kind", KINDS)

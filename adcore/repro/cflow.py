@@ -134,13 +134,15 @@ def run(args: ReproArgs) -> dict[str, Any]:
             epochs=args.epochs or preset["epochs"], batch_size=min(preset["batch_size"],
                                                                    len(train_ds)),
             fiber_batch=preset["fiber_batch"], seed=args.seed,
-            stage_threads=args.stage_threads)
+            stage_threads=args.stage_threads,
+            **({} if args.flow_loss is None else {"flow_loss": args.flow_loss}))
 
     kwargs: dict[str, Any] = {}
     if contrastive_setup is not None and contrastive_setup["contrastive"] is not None:
         kwargs = {"augment": contrastive_setup["augment"],
                   "contrastive": contrastive_setup["contrastive"],
-                  "contrastive_start_epoch": contrastive_setup["contrastive_start_epoch"]}
+                  "contrastive_start_epoch": contrastive_setup["contrastive_start_epoch"],
+                  "mask_rule": contrastive_setup["mask_rule"]}
     history = train_cflow(model, train_ds, train_config, **kwargs)
 
     start = time.perf_counter()

@@ -62,6 +62,11 @@ class ReproArgs:
     fast: bool = False
     force: bool = False
     stage_threads: int = 1
+    #: cflow contrastive runs: flow loss (None: the reference code's logsigmoid), mask rule,
+    #: fusion weighting (see adcore.train.contrastive)
+    flow_loss: str | None = None
+    mask_rule: str = "binary"
+    fusion: str = "sum"
 
 
 def resolve_device(args: ReproArgs) -> torch.device:

@@ -222,6 +222,8 @@ def prepare(args: ReproArgs, *, image_size: int | None = None,
         - ``contrastive``: the :class:`~adcore.train.contrastive.ContrastiveObjective`, or
           None for ``--loss none``;
         - ``contrastive_start_epoch``: the epoch the terms start at;
+        - ``mask_rule``: how the defect masks reach the feature stages
+          (:func:`adcore.losses.feature_masks`);
         - ``image_size``, ``backbone``: what the model must be built with;
         - ``train_config``: the :class:`~adcore.train.cflow.CFlowTrainConfig` of the run
           (the paper's schedule, ``--epochs``, ``--seed``);
@@ -244,11 +246,13 @@ def prepare(args: ReproArgs, *, image_size: int | None = None,
     from adcore.repro.cflow import choose_backbone
 
     backbone, why = choose_backbone(args.backbone, settings["fast"])
+    flow_loss = {} if args.flow_loss is None else {"flow_loss": args.flow_loss}
     train_config = paper_train_config(epochs=settings["epochs"],
                                       batch_size=min(settings["batch_size"], len(train)),
                                       fiber_batch=settings["fiber_batch"], seed=args.seed,
-                                      stage_threads=args.stage_threads)
-    contrastive = make_contrastive(args.loss, flow_loss=train_config.flow_loss)
+                                      stage_threads=args.stage_threads, **flow_loss)
+    contrastive = make_contrastive(args.loss, flow_loss=train_config.flow_loss,
+                                   fusion=args.fusion)
     augmentation: dict[str, Any] | None = None
     augment = None
     if contrastive is not None:
@@ -261,6 +265,8 @@ def prepare(args: ReproArgs, *, image_size: int | None = None,
     start = settings["start_epoch"] if contrastive is not None else 0
     config = {
         "loss": args.loss,
+        "flow_loss": train_config.flow_loss,
+        "masks": args.mask_rule,
         "contrastive": contrastive.to_dict() if contrastive is not None else None,
         "contrastive_start_epoch": start,
         "augmentation": augmentation,
@@ -270,7 +276,7 @@ def prepare(args: ReproArgs, *, image_size: int | None = None,
         "fast": settings["fast"],
     }
     return {"train": train, "test": test, "augment": augment, "contrastive": contrastive,
-            "contrastive_start_epoch": start, "image_size": size, "backbone": backbone,
+            "contrastive_start_epoch": start, "mask_rule": args.mask_rule, "image_size": size, "backbone": backbone,
             "train_config": train_config, "config": config}
 
 

@@ -32,11 +32,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from adcore.cflow import CFlowModel
-from adcore.losses import FLOW_LOSS_KINDS
+from adcore.losses import FLOW_LOSS_KINDS, MASK_RULES, feature_masks
 from adcore.train.fibers import Contrastive, FiberPair, FiberTrainer
 from adcore.train.loop import NonFiniteLossError, progress, save_checkpoint
 
@@ -207,16 +206,11 @@ def _check_pending(pending: list[_Pending], lr_now: float) -> None:
     pending.clear()
 
 
-def _masks_at(masks: Tensor, sizes: Sequence[tuple[int, int]]) -> list[Tensor]:
-    """(B, 1, S, S) anomaly masks -> per stage (B, H_l, W_l): the anomalous area fraction of each cell."""
-    return [F.adaptive_avg_pool2d(masks.float(), size)[:, 0] for size in sizes]
-
-
 def train_cflow(model: CFlowModel, dataset: torch.utils.data.Dataset,
                 config: CFlowTrainConfig | None = None, *,
                 augment: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None,
                 contrastive: Contrastive | None = None, contrastive_start_epoch: int = 0,
-                checkpoint: str | os.PathLike | None = None, num_workers: int = 0,
+                mask_rule: str = "binary", checkpoint: str | os.PathLike | None = None, num_workers: int = 0,
                 show_progress: bool = True) -> dict:
     """Train the flows of ``model`` on the normal images of ``dataset``, then fit the normalisation.
 
@@ -226,9 +220,11 @@ def train_cflow(model: CFlowModel, dataset: torch.utils.data.Dataset,
             :class:`adcore.data.MVTecAD` train split).
         config: :class:`CFlowTrainConfig` (default: the paper's settings).
         augment: optional, ``images -> (augmented images, masks (B, 1, S, S))`` for
-            contrastive training (chapter 8); masks are area-pooled to each stage.
+            contrastive training (chapter 8); masks are brought to each stage by
+            :func:`adcore.losses.feature_masks` with ``mask_rule``.
         contrastive: the objective added at each step (see :meth:`FiberTrainer.train_batch`).
         contrastive_start_epoch: epochs trained with the flow loss alone first (the paper: 8).
+        mask_rule: one of :data:`adcore.losses.MASK_RULES` (default ``"binary"``).
         checkpoint: write the trained model there (atomically) when given.
         num_workers: data-loader workers.
         show_progress: a tqdm bar over epochs.
@@ -248,6 +244,8 @@ def train_cflow(model: CFlowModel, dataset: torch.utils.data.Dataset,
                          f"{config.batch_size}; lower batch_size")
     if (augment is None) != (contrastive is None):
         raise ValueError("augment and contrastive go together")
+    if mask_rule not in MASK_RULES:
+        raise ValueError(f"mask rule {mask_rule!r}: expected one of {', '.join(MASK_RULES)}")
     loader_generator = torch.Generator().manual_seed(config.seed)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=config.batch_size, shuffle=True, drop_last=True,
@@ -277,7 +275,8 @@ def train_cflow(model: CFlowModel, dataset: torch.utils.data.Dataset,
                 if augment is not None and epoch >= contrastive_start_epoch:
                     aug_images, aug_masks = augment(images)
                     kwargs = {"augmented": model.features(aug_images),
-                              "masks": _masks_at(aug_masks.to(device), model.stage_sizes),
+                              "masks": feature_masks(aug_masks.to(device), model.stage_sizes,
+                                                     mask_rule),
                               "contrastive": contrastive}
                 first = list(trainer.steps)
                 losses = trainer.train_batch(features, lr, **kwargs)

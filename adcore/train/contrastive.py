@@ -14,7 +14,11 @@ L_fusion. This module is the glue between the pieces that exist elsewhere:
   in the units of the flow loss (below);
 - :func:`paper_train_config` and :data:`CONTRASTIVE_START_EPOCH` give the paper's schedule
   (Sec. 3.2): 200 epochs, batch 8, lr 2e-4 divided by 10 after epochs 50, 75 and 90,
-  contrastive terms from epoch 8 on. (The 256x256 input and the backbone, EfficientNet-B6
+  contrastive terms from epoch 8 on, and the flow loss of CFlow-AD's reference code,
+  ``-logsigmoid(log p / C)`` (the paper builds on that code; Eq. 3's per-fiber NLL is the
+  named variant ``flow_loss="nll"``). Next to the NLL, whose gradient per fiber is 1 in
+  fiber units, the cosine of L_CL is a whisper (1e-4 to 7e-4 of the flow loss's gradient);
+  next to the logsigmoid, which saturates for likely fibers, it is about 3 %. (The 256x256 input and the backbone, EfficientNet-B6
   when its weights are available and the offline ``tf_efficientnet_lite0`` otherwise, are
   the model's: :class:`adcore.cflow.CFlowConfig`, :func:`adcore.repro.cflow.choose_backbone`.)
 - :func:`train_contrastive` puts them together around :func:`~adcore.train.cflow.train_cflow`.
@@ -28,11 +32,13 @@ the same units, and sets tau = 0.1 without a unit. Three remarks decide how we r
    moves with them. So the only real questions are the *weight* of the term against L_NF and
    the *unit* of tau.
 2. Weight: the paper adds the terms to L_NF with weight 1. We return each term in the units of
-   the flow loss the trainer uses: per fiber for ``"nll"`` (Eq. 3, the default; then
-   ``L_NF + term`` is the paper's sum exactly), per dimension for CFlow-AD's ``"logsigmoid"``
-   (which works on ``log p / C``). Either way a fiber in a hinge gets a gradient of the same
-   size from the term as from the flow loss. The cosine of L_CL has no unit and is added as
-   it is, as in the paper (its gradient is then small next to that of L_NF).
+   the flow loss the trainer uses: per dimension for CFlow-AD's ``"logsigmoid"`` (the
+   default, which works on ``log p / C``), per fiber for ``"nll"`` (Eq. 3; then
+   ``L_NF + term`` is the paper's sum exactly). The cosine of L_CL has no unit and is added
+   as it is, as in the paper. L_fusion written literally, ``L_boundary + L_Likelihood =
+   2 L_NF + B + L``, counts L_NF twice; ``fusion="sum"`` (default) trains ``L_NF + B + L``,
+   ``fusion="literal"`` trains ``L_NF + (B + L) / 2``, which is the literal loss divided by
+   2 (Adam's steps do not change when the whole loss is scaled, up to its epsilon).
 3. Unit of tau (and of ``max_gap``): ``unit="dimension"`` (our default) reads tau in nats per
    dimension, ``log p / C``: the unit CFlow-AD scores in (Eq. 4 is applied to ``log p / C``
    in :mod:`adcore.cflow`) and BGAD applies its margins in, and the only one that means the
@@ -69,6 +75,7 @@ from adcore.train.cflow import CFlowTrainConfig, FiberPair, train_cflow
 __all__ = [
     "CONTRASTIVE_START_EPOCH",
     "DEFAULT_MAX_GAP",
+    "FUSION_WEIGHTS",
     "LOG_P_UNITS",
     "ContrastiveObjective",
     "SyntheticAnomalyAugment",
@@ -85,13 +92,15 @@ CONTRASTIVE_START_EPOCH = 8
 DEFAULT_MAX_GAP: float | None = 1.0
 #: units of tau and max_gap: nats per dimension (log p / C) or per fiber (log p of Eq. 2).
 LOG_P_UNITS = ("dimension", "fiber")
+#: how L_fusion weighs its contrastive part against L_NF (see the module docstring)
+FUSION_WEIGHTS = ("sum", "literal")
 
 
 def paper_train_config(**overrides: object) -> CFlowTrainConfig:
     """The training settings of the civil-engineering paper (Sec. 3.2), overridable.
 
     200 epochs of batch 8, Adam with lr 2e-4 divided by 10 after epochs 50, 75 and 90, the
-    flow loss of Eq. 3. Written out here (not left to :class:`CFlowTrainConfig`'s defaults)
+    flow loss of CFlow-AD's reference code (``"logsigmoid"``). Written out here (not left to :class:`CFlowTrainConfig`'s defaults)
     so the contrastive runs keep the paper's schedule whatever those defaults become.
 
     Args:
@@ -102,7 +111,7 @@ def paper_train_config(**overrides: object) -> CFlowTrainConfig:
     """
     settings: dict[str, object] = {"epochs": 200, "sub_epochs": 1, "batch_size": 8, "lr": 2e-4,
                                    "schedule": "step", "milestones": (50, 75, 90), "gamma": 0.1,
-                                   "flow_loss": "nll"}
+                                   "flow_loss": "logsigmoid"}
     settings.update(overrides)
     return CFlowTrainConfig(**settings)  # type: ignore[arg-type]
 
@@ -128,8 +137,10 @@ class ContrastiveObjective:
         max_gap: cap of the anomalous gap of L_Likelihood, in ``unit`` (default 1 nat per
             dimension; None: the paper's unbounded term, which diverges in practice).
         unit: ``"dimension"`` (tau in nats per dimension, default) or ``"fiber"``.
-        flow_loss: the trainer's flow loss, ``"nll"`` (term per fiber) or ``"logsigmoid"``
-            (term per dimension).
+        flow_loss: the trainer's flow loss, ``"logsigmoid"`` (term per dimension, default)
+            or ``"nll"`` (term per fiber).
+        fusion: ``"sum"`` (L_NF + B + L, default) or ``"literal"`` (the printed
+            L_boundary + L_Likelihood, which counts L_NF twice); fusion only.
     """
 
     kind: str
@@ -137,7 +148,8 @@ class ContrastiveObjective:
     tau: float = 0.1
     max_gap: float | None = DEFAULT_MAX_GAP
     unit: str = "dimension"
-    flow_loss: str = "nll"
+    flow_loss: str = "logsigmoid"
+    fusion: str = "sum"
 
     def __post_init__(self) -> None:
         kinds = tuple(k for k in CONTRASTIVE_KINDS if k != "none")
@@ -148,6 +160,8 @@ class ContrastiveObjective:
             raise ValueError(f"unit must be one of {LOG_P_UNITS}, got {self.unit!r}")
         if self.flow_loss not in FLOW_LOSS_KINDS:
             raise ValueError(f"flow_loss must be one of {FLOW_LOSS_KINDS}, got {self.flow_loss!r}")
+        if self.fusion not in FUSION_WEIGHTS:
+            raise ValueError(f"fusion must be one of {FUSION_WEIGHTS}, got {self.fusion!r}")
         if not 0.0 <= self.beta <= 1.0:
             raise ValueError(f"beta must be a quantile level in [0, 1] (paper: 0.05), "
                              f"got {self.beta!r}")
@@ -179,6 +193,8 @@ class ContrastiveObjective:
         if self.flow_loss == "logsigmoid" and self.kind != "cl":
             # CFlow-AD's loss is per dimension: bring the likelihood terms to its scale.
             term = term / channels
+        if self.kind == "fusion" and self.fusion == "literal":
+            term = term / 2  # (2 L_NF + B + L) / 2: the printed L_fusion, scaled
         return term
 
     def to_dict(self) -> dict:
@@ -188,12 +204,13 @@ class ContrastiveObjective:
 
 def make_contrastive(kind: str, *, beta: float = 0.05, tau: float = 0.1,
                      max_gap: float | None = DEFAULT_MAX_GAP, unit: str = "dimension",
-                     flow_loss: str = "nll") -> ContrastiveObjective | None:
+                     flow_loss: str = "logsigmoid",
+                     fusion: str = "sum") -> ContrastiveObjective | None:
     """The ``contrastive`` callable for ``--loss kind``; None for ``"none"`` (L_None = L_NF).
 
     Args:
         kind: one of :data:`adcore.losses.CONTRASTIVE_KINDS`.
-        beta, tau, max_gap, unit, flow_loss: see :class:`ContrastiveObjective`.
+        beta, tau, max_gap, unit, flow_loss, fusion: see :class:`ContrastiveObjective`.
 
     Returns:
         The objective, or None when ``kind`` is ``"none"``.
@@ -203,8 +220,11 @@ def make_contrastive(kind: str, *, beta: float = 0.05, tau: float = 0.1,
     """
     if kind == "none":
         return None
+    if kind not in CONTRASTIVE_KINDS:
+        raise ValueError(f"unknown contrastive kind {kind!r}; expected one of "
+                         f"{', '.join(CONTRASTIVE_KINDS)}")
     return ContrastiveObjective(kind, beta=beta, tau=tau, max_gap=max_gap, unit=unit,
-                                flow_loss=flow_loss)
+                                flow_loss=flow_loss, fusion=fusion)
 
 
 # --------------------------------------------------------------------------- the augmentation
@@ -215,8 +235,8 @@ class SyntheticAnomalyAugment:
     each call a defect drawn from the sources is scaled, rotated, mirrored, placed and
     Poisson-blended (Eq. 5-6) into every image of the batch by
     :class:`adcore.synth.AnomalySynthesizer`, so each epoch sees new anomalies. The trainer
-    area-pools the returned masks to each feature stage, which gives the M_x' of Sec. 2.3 (a
-    fiber's value is the anomalous fraction of its cell).
+    brings the returned masks to each feature stage with :func:`adcore.losses.feature_masks`,
+    which gives the M_x' of Sec. 2.3.
 
     Args:
         synthesizer: the generator, or build one with :meth:`from_sources`.
@@ -291,6 +311,7 @@ def train_contrastive(model: CFlowModel, dataset: torch.utils.data.Dataset, kind
                       augment: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None,
                       config: CFlowTrainConfig | None = None,
                       start_epoch: int = CONTRASTIVE_START_EPOCH, seed: int = 0,
+                      mask_rule: str = "binary",
                       objective_options: dict | None = None,
                       synthesizer_options: dict | None = None,
                       **train_options: object) -> dict:
@@ -306,7 +327,9 @@ def train_contrastive(model: CFlowModel, dataset: torch.utils.data.Dataset, kind
         config: training settings (default: :func:`paper_train_config`).
         start_epoch: epochs with L_NF alone first (paper: 8).
         seed: seed of the augmentation.
-        objective_options: beta, tau, max_gap, unit of :class:`ContrastiveObjective`.
+        mask_rule: how the defect masks reach the feature stages, one of
+            :data:`adcore.losses.MASK_RULES` (default ``"binary"``).
+        objective_options: beta, tau, max_gap, unit, fusion of :class:`ContrastiveObjective`.
         synthesizer_options: options of :class:`~adcore.synth.AnomalySynthesizer`.
         **train_options: passed to :func:`~adcore.train.cflow.train_cflow` (checkpoint, ...).
 
@@ -332,9 +355,9 @@ def train_contrastive(model: CFlowModel, dataset: torch.utils.data.Dataset, kind
         augment = SyntheticAnomalyAugment.from_sources(sources, seed=seed,
                                                        **(synthesizer_options or {}))
     history = train_cflow(model, dataset, config, augment=augment, contrastive=objective,
-                          contrastive_start_epoch=start_epoch,
+                          contrastive_start_epoch=start_epoch, mask_rule=mask_rule,
                           **train_options)  # type: ignore[arg-type]
-    history.update({"contrastive": objective.to_dict(),
+    history.update({"contrastive": objective.to_dict(), "masks": mask_rule,
                     "augmented_batches": getattr(augment, "calls", None),
                     "shrunk_defects": getattr(augment, "shrunk", None)})
     return history
