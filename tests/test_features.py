@@ -111,5 +111,8 @@ def test_missing_weights_file_is_named(tmp_path) -> None:
 
 def test_architecture_without_weights_builds_offline() -> None:
     model = create_backbone("wide_resnet50_2", pretrained=False)
-    assert model.feature_info.channels() == [256, 512, 1024]
-    assert model.feature_info.reduction() == [4, 8, 16]
+    # CFlow-AD hooks layer2, layer3, layer4: strides 8, 16, 32
+    assert model.feature_info.channels() == [512, 1024, 2048]
+    assert model.feature_info.reduction() == [8, 16, 32]
+    assert [info["module"] for info in model.feature_info.get_dicts()] == [
+        "layer2", "layer3", "layer4"]
