@@ -3,11 +3,22 @@
 Chapter 4 (``book/04_alignment_map``) explains and plays with every step:
 
 - the similarity map SM (Eq. 5): the SSIM of Wang et al. (2004) between the image and its
-  reconstruction in a window around each pixel, with K1 = 0.01, K2 = 0.03 (the paper's
-  c1, c2) and a uniform or Gaussian window. SSIM is high where the reconstruction is good,
-  so the anomaly map uses the dissimilarity 1 − SSIM. For colour images the channels are
-  combined as the authors' code does: the product over channels of (1 − SSIM_c), which
-  is large only where every channel is badly reconstructed;
+  reconstruction in a window around each pixel, with a uniform or Gaussian window. SSIM is
+  high where the reconstruction is good, so the anomaly map uses the dissimilarity
+  1 − SSIM; for colour images the channels are combined by the product over channels of
+  (1 − SSIM_c), which is large only where every channel is badly reconstructed.
+
+  Where the paper is ambiguous. Eq. 5 prints ``c1 = 0.01`` and ``c2 = 0.03`` and cites Wang
+  et al. [29], whose constants are ``c1 = (K1 L)²``, ``c2 = (K2 L)²`` with K1 = 0.01,
+  K2 = 0.03; and it defines SM = SSIM, a similarity, then uses SM as an anomaly map.
+  Both readings are options (:data:`SSIM_CONSTANTS`, :data:`SM_FORMS`). The defaults
+  follow the first author's public code, in a later project (repository
+  ``HGangloff/vae_grf``, ``pytorch/vae_test.py`` at commit
+  ``01d710ec0dba2b095e37e3cc2544edb7add0704c``): scikit-image's ``structural_similarity``
+  with its default K1, K2 (Wang's constants), a uniform window (15 pixels on MVTec AD),
+  ``data_range=1``, and the map ``np.prod(1 - full, axis=2)``; that code also upsamples
+  its latent map by nearest repetition and rescales each map to [0, 1] per image.
+  Chapter 4 ablates the two constants and the two forms;
 - the alignment map AM (Eq. 6), ‖sg[z_e(x)] − e_{z}‖² per latent position, computed by
   :class:`adcore.vqvae.VectorQuantizer`; here it is upsampled to the image size (nearest
   or bilinear) and dilated with a grey-level morphological dilation (a square structuring
@@ -31,6 +42,8 @@ import torch.nn.functional as F
 
 __all__ = [
     "MAP_VARIANTS",
+    "SM_FORMS",
+    "SSIM_CONSTANTS",
     "AnomalyMaps",
     "MapConfig",
     "anomaly_maps",
@@ -48,6 +61,10 @@ SSIM_WINDOWS: tuple[str, ...] = ("uniform", "gaussian")
 UPSAMPLING_MODES: tuple[str, ...] = ("nearest", "bilinear")
 #: the anomaly maps one trained model gives: SM alone, AM alone, and their product
 MAP_VARIANTS: tuple[str, ...] = ("ssim", "am", "ssim+am")
+#: the SSIM constants: Wang et al.'s ``c = (K L)²`` (the authors' code) or Eq. 5 as printed
+SSIM_CONSTANTS: tuple[str, ...] = ("wang", "paper")
+#: SM as an anomaly map: ``Π_c (1 − SSIM_c)`` (the authors' code) or SM = SSIM as printed
+SM_FORMS: tuple[str, ...] = ("1-ssim", "ssim")
 
 
 # --------------------------------------------------------------------------- SSIM (Eq. 5)
@@ -93,11 +110,13 @@ def _check_pair(images: torch.Tensor, reconstructions: torch.Tensor) -> None:
 
 def ssim_map(images: torch.Tensor, reconstructions: torch.Tensor, *, window: str = "uniform",
              window_size: int | None = 11, sigma: float = 1.5, k1: float = 0.01, k2: float = 0.03,
-             data_range: float = 1.0, sample_covariance: bool = True) -> torch.Tensor:
+             data_range: float = 1.0, sample_covariance: bool = True,
+             constants: str = "wang") -> torch.Tensor:
     """SSIM between two images in a window around each pixel, per channel (Eq. 5).
 
     SSIM(p, q) = (2 μ_p μ_q + c1)(2 σ_pq + c2) / ((μ_p² + μ_q² + c1)(σ_p² + σ_q² + c2)) with
-    c1 = (K1 L)², c2 = (K2 L)² and L the data range. Borders are handled by mirroring, and
+    c1 = (K1 L)², c2 = (K2 L)² and L the data range (``constants="wang"``), or c1 = K1,
+    c2 = K2 as Eq. 5 prints them (``constants="paper"``). Borders are handled by mirroring, and
     (co)variances use the sample normalisation N / (N − 1) by default, so the result equals
     ``skimage.metrics.structural_similarity(..., full=True)`` with the same settings.
 
@@ -110,15 +129,18 @@ def ssim_map(images: torch.Tensor, reconstructions: torch.Tensor, *, window: str
         k1, k2: the constants K1 = 0.01, K2 = 0.03 of the paper.
         data_range: L, the range of pixel values.
         sample_covariance: N / (N − 1) normalisation (scikit-image's default) or 1.
+        constants: ``"wang"`` or ``"paper"`` (see above and :data:`SSIM_CONSTANTS`).
 
     Returns:
         (B, C, H, W) SSIM in [−1, 1], float32 (float64 for float64 inputs).
 
     Raises:
-        ValueError: shapes differ or are not 4-D, an unknown window, an even or too large
-            window, or a non-positive data range.
+        ValueError: shapes differ or are not 4-D, an unknown window or constants, an even or
+            too large window, or a non-positive data range.
     """
     _check_pair(images, reconstructions)
+    if constants not in SSIM_CONSTANTS:
+        raise ValueError(f"constants={constants!r}: expected one of {SSIM_CONSTANTS}")
     if window not in SSIM_WINDOWS:
         raise ValueError(f"window={window!r}: expected one of {SSIM_WINDOWS}")
     if window_size is not None and (window_size < 1 or window_size % 2 == 0):
@@ -140,25 +162,39 @@ def ssim_map(images: torch.Tensor, reconstructions: torch.Tensor, *, window: str
     n = size * size
     cov_norm = n / (n - 1) if sample_covariance and n > 1 else 1.0
     vx, vy, vxy = cov_norm * (uxx - ux * ux), cov_norm * (uyy - uy * uy), cov_norm * (uxy - ux * uy)
-    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    c1, c2 = ((k1 * data_range) ** 2, (k2 * data_range) ** 2) if constants == "wang" else (k1, k2)
     return ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
 
 
-def ssim_anomaly_map(images: torch.Tensor, reconstructions: torch.Tensor,
-                     **ssim_kwargs: Any) -> torch.Tensor:
-    """The SM used as an anomaly map: Π_c (1 − SSIM_c), one channel (1 − SSIM for grey images).
+def ssim_anomaly_map(images: torch.Tensor, reconstructions: torch.Tensor, *,
+                     form: str = "1-ssim", **ssim_kwargs: Any) -> torch.Tensor:
+    """The SM used as an anomaly map, one channel.
 
-    The product over channels is what the authors' code does for colour images; a pixel is
-    marked only where all channels are badly reconstructed. Values lie in [0, 2^C].
+    - ``form="1-ssim"`` (default): Π_c (1 − SSIM_c) (1 − SSIM for grey images), what the
+      authors' code does for colour images; a pixel is marked only where all channels are
+      badly reconstructed. Values lie in [0, 2^C]; higher = more anomalous.
+    - ``form="ssim"``: SM = SSIM as Eq. 5 defines it, channels averaged (scikit-image's
+      reduction). It is a similarity: used as an anomaly map it ranks pixels backwards,
+      which chapter 4's ablation shows.
 
     Args:
         images, reconstructions: (B, C, H, W) in [0, 1].
-        **ssim_kwargs: passed to :func:`ssim_map` (window, window_size, sigma, k1, k2, ...).
+        form: one of :data:`SM_FORMS`.
+        **ssim_kwargs: passed to :func:`ssim_map` (window, window_size, sigma, k1, k2,
+            constants, ...).
 
     Returns:
-        (B, 1, H, W), higher = more anomalous.
+        (B, 1, H, W).
+
+    Raises:
+        ValueError: an unknown form, or what :func:`ssim_map` raises.
     """
-    return (1 - ssim_map(images, reconstructions, **ssim_kwargs)).prod(dim=1, keepdim=True)
+    if form not in SM_FORMS:
+        raise ValueError(f"form={form!r}: expected one of {SM_FORMS}")
+    ssim = ssim_map(images, reconstructions, **ssim_kwargs)
+    if form == "ssim":
+        return ssim.mean(dim=1, keepdim=True)
+    return (1 - ssim).prod(dim=1, keepdim=True)
 
 
 # --------------------------------------------------------------------------- AM and fusion
@@ -256,6 +292,10 @@ class MapConfig:
 
     Attributes:
         window, window_size, sigma, k1, k2: the SSIM of Eq. 5 (see :func:`ssim_map`).
+        ssim_constants: ``"wang"`` (c = (K L)², the authors' code; default) or ``"paper"``
+            (c1 = 0.01, c2 = 0.03 as Eq. 5 prints them).
+        sm_form: ``"1-ssim"`` (Π_c (1 − SSIM_c), the authors' code; default) or ``"ssim"``
+            (SM = SSIM as printed; see :func:`ssim_anomaly_map`).
         upsampling: ``"nearest"`` or ``"bilinear"`` upsampling of the AM.
         am_dilation: side of the square structuring element dilating the upsampled AM
             (1 = none). The paper does not give it; chapter 4 shows its effect.
@@ -269,6 +309,8 @@ class MapConfig:
     sigma: float = 1.5
     k1: float = 0.01
     k2: float = 0.03
+    ssim_constants: str = "wang"
+    sm_form: str = "1-ssim"
     upsampling: str = "nearest"
     am_dilation: int = 9
     sm_dilation: int = 1
@@ -277,6 +319,11 @@ class MapConfig:
     def __post_init__(self) -> None:
         if self.window not in SSIM_WINDOWS:
             raise ValueError(f"window={self.window!r}: expected one of {SSIM_WINDOWS}")
+        if self.ssim_constants not in SSIM_CONSTANTS:
+            raise ValueError(f"ssim_constants={self.ssim_constants!r}: expected one of "
+                             f"{SSIM_CONSTANTS}")
+        if self.sm_form not in SM_FORMS:
+            raise ValueError(f"sm_form={self.sm_form!r}: expected one of {SM_FORMS}")
         if self.upsampling not in UPSAMPLING_MODES:
             raise ValueError(f"upsampling={self.upsampling!r}: expected one of {UPSAMPLING_MODES}")
         for name in ("am_dilation", "sm_dilation"):
@@ -285,7 +332,7 @@ class MapConfig:
 
     def ssim_kwargs(self) -> dict[str, Any]:
         return {"window": self.window, "window_size": self.window_size, "sigma": self.sigma,
-                "k1": self.k1, "k2": self.k2}
+                "k1": self.k1, "k2": self.k2, "constants": self.ssim_constants}
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values, for result files."""
@@ -331,8 +378,8 @@ def anomaly_maps(images: torch.Tensor, reconstructions: torch.Tensor,
     alignment = _as_map(alignment, "the alignment map")
     if alignment.shape[0] != images.shape[0]:
         raise ValueError(f"alignment map batch {alignment.shape[0]} != image batch {images.shape[0]}")
-    similarity = grey_dilation(ssim_anomaly_map(images, reconstructions, **config.ssim_kwargs()),
-                               config.sm_dilation)
+    similarity = grey_dilation(ssim_anomaly_map(images, reconstructions, form=config.sm_form,
+                                                **config.ssim_kwargs()), config.sm_dilation)
     am = grey_dilation(upsample_map(alignment, tuple(images.shape[-2:]), config.upsampling),
                        config.am_dilation)
     if config.normalize:

@@ -186,3 +186,49 @@ def test_maps_on_cuda_equal_cpu():
     gpu = anomaly_maps(images.cuda(), recon.cuda(), alignment.cuda(), config)
     for a, b in zip(cpu, gpu):
         assert torch.allclose(a, b.cpu(), atol=1e-5)
+
+
+def test_ssim_constants_as_printed_and_as_wang() -> None:
+    """Eq. 5's printed c1 = 0.01, c2 = 0.03 against Wang's (K L)²: skimage computes both."""
+    generator = torch.Generator().manual_seed(3)
+    x = torch.rand(1, 1, 32, 32, generator=generator, dtype=torch.float64)
+    y = (x + 0.2 * torch.rand(1, 1, 32, 32, generator=generator, dtype=torch.float64)).clamp(0, 1)
+    a, b = x[0, 0].numpy(), y[0, 0].numpy()
+    for constants, (k1, k2) in (("wang", (0.01, 0.03)), ("paper", (0.1, 0.03 ** 0.5))):
+        # skimage squares its K: the printed c1 = 0.01 is K1 = 0.1 there
+        _, expected = structural_similarity(a, b, win_size=7, data_range=1.0, full=True,
+                                            K1=k1, K2=k2)
+        got = ssim_map(x, y, window="uniform", window_size=7, constants=constants)[0, 0]
+        crop = slice(3, -3)
+        np.testing.assert_allclose(got.numpy()[crop, crop], expected[crop, crop], atol=1e-10)
+    wang = ssim_map(x, y, window_size=7)
+    paper = ssim_map(x, y, window_size=7, constants="paper")
+    assert not torch.allclose(wang, paper)  # the larger constants flatten the map
+
+
+def test_sm_forms() -> None:
+    generator = torch.Generator().manual_seed(4)
+    x = torch.rand(2, 3, 24, 24, generator=generator)
+    y = (x + 0.3 * torch.rand(2, 3, 24, 24, generator=generator)).clamp(0, 1)
+    ssim = ssim_map(x, y, window_size=7)
+    torch.testing.assert_close(ssim_anomaly_map(x, y, window_size=7, form="ssim"),
+                               ssim.mean(dim=1, keepdim=True))
+    torch.testing.assert_close(ssim_anomaly_map(x, y, window_size=7),
+                               (1 - ssim).prod(dim=1, keepdim=True))
+    config = MapConfig(window_size=7, ssim_constants="paper", sm_form="ssim", am_dilation=1)
+    alignment = torch.rand(2, 6, 6, generator=generator)
+    maps = anomaly_maps(x, y, alignment, config)
+    torch.testing.assert_close(maps.ssim, ssim_anomaly_map(x, y, window_size=7, form="ssim",
+                                                           constants="paper"))
+
+
+def test_unknown_ssim_conventions_list_the_valid_ones() -> None:
+    x = torch.rand(1, 1, 16, 16)
+    with pytest.raises(ValueError, match="wang"):
+        ssim_map(x, x, constants="printed")
+    with pytest.raises(ValueError, match="1-ssim"):
+        ssim_anomaly_map(x, x, form="dssim")
+    with pytest.raises(ValueError, match="ssim_constants"):
+        MapConfig(ssim_constants="K")
+    with pytest.raises(ValueError, match="sm_form"):
+        MapConfig(sm_form="2-ssim")
