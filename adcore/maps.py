@@ -50,6 +50,7 @@ __all__ = [
     "fuse_maps",
     "grey_dilation",
     "image_scores",
+    "mean_image_map",
     "minmax_normalize",
     "ssim_anomaly_map",
     "ssim_map",
@@ -283,6 +284,42 @@ def fuse_maps(similarity: torch.Tensor, alignment: torch.Tensor) -> torch.Tensor
 def image_scores(maps: torch.Tensor) -> torch.Tensor:
     """Image-level anomaly scores: the mean of each final map (Section 3.4). (B, ...) -> (B,)."""
     return maps.flatten(1).mean(1)
+
+
+# --------------------------------------------------------------------------- the baseline
+def mean_image_map(images: torch.Tensor, mean_image: torch.Tensor, *, window_size: int = 1,
+                   dilation: int = 1) -> torch.Tensor:
+    """The baseline of every results table: how far each pixel is from the mean training image.
+
+    ``|x − x̄|`` averaged over channels, then averaged in a ``window_size`` box (the local
+    averaging the method's own map gets: the SSIM window for the VQ-VAE, the finest feature
+    cell for CFlow-AD) and grey-dilated as the method's map is. No learning at all: a method
+    that does not beat it has learned nothing the pixels' training mean does not know.
+
+    Args:
+        images: (B, C, H, W) in [0, 1].
+        mean_image: (C, H, W) or (1, C, H, W), the mean of the training images.
+        window_size: odd side of the averaging box (1 = none).
+        dilation: side of the grey dilation (1 = none).
+
+    Returns:
+        (B, 1, H, W) float32, higher = more anomalous.
+
+    Raises:
+        ValueError: shapes that do not match, an even or non-positive window.
+    """
+    if mean_image.dim() == 3:
+        mean_image = mean_image.unsqueeze(0)
+    if images.dim() != 4 or mean_image.shape[1:] != images.shape[1:] or mean_image.shape[0] != 1:
+        raise ValueError(f"mean_image {tuple(mean_image.shape)} does not match images "
+                         f"{tuple(images.shape)}: expected (C, H, W) = {tuple(images.shape[1:])}")
+    if window_size < 1 or window_size % 2 == 0:
+        raise ValueError(f"window_size={window_size}: expected an odd positive number of pixels")
+    difference = (images.float() - mean_image.to(images.device).float()).abs().mean(1, keepdim=True)
+    if window_size > 1:
+        kernel = _window_1d("uniform", window_size, 1.0, torch.float32, images.device)
+        difference = _filter(difference, kernel)
+    return grey_dilation(difference, dilation)
 
 
 # --------------------------------------------------------------------------- the pipeline

@@ -29,7 +29,7 @@ def test_fast_synthetic_run_writes_the_contract(tmp_path) -> None:
     result = json.loads(out.read_text())
     assert set(result["metrics"]) == set(METRIC_KEYS)
     assert result["metrics"]["pixel_auroc"] > 0.6  # clearly above chance, even this small
-    assert set(result["variants"]) == {"sum", "test_max", "cflow_ad"}
+    assert set(result["variants"]) == {"sum", "test_max", "cflow_ad", "mean_image"}
     config = result["config"]
     assert config["backbone"] == "tf_efficientnet_lite0" and config["fast"] is True
     assert config["model"]["image_size"] == 64 and config["train"]["fiber_batch"] == 16

@@ -6,8 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
-from adcore.repro.common import METRIC_KEYS, write_result
+from adcore.maps import mean_image_map
+from adcore.repro.common import METRIC_KEYS, mean_image_metrics, write_result
 
 METRICS = {"image_auroc": 0.9, "pixel_auroc": 0.8, "pixel_auroc_per_image": 0.85, "pixel_aupro": 0.7}
 
@@ -49,3 +51,37 @@ def test_bad_results_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     write_result(out, metrics=METRICS, config={}, device="cpu", train_seconds=0, eval_seconds=0,
                  force=True)
     assert json.loads(out.read_text())["provenance"]["git_commit"] == "abc123"
+
+
+def _items(images: torch.Tensor, masks: torch.Tensor | None = None) -> list[dict]:
+    masks = torch.zeros_like(images[:, :1]) if masks is None else masks
+    labels = (masks.flatten(1).amax(1) > 0).long()
+    return [{"image": i, "mask": m, "label": label} for i, m, label in zip(images, masks, labels)]
+
+
+def test_mean_image_baseline_finds_what_differs_from_the_training_mean() -> None:
+    generator = torch.Generator().manual_seed(0)
+    train = 0.5 + 0.05 * torch.randn(20, 3, 16, 16, generator=generator)
+    test = 0.5 + 0.05 * torch.randn(10, 3, 16, 16, generator=generator)
+    masks = torch.zeros(10, 1, 16, 16)
+    masks[5:, :, 4:8, 4:8] = 1
+    test[5:, :, 4:8, 4:8] += 0.4  # a bright square on the anomalous half
+    metrics = mean_image_metrics(_items(train), _items(test, masks), window_size=3, score="max")
+    assert set(metrics) == set(METRIC_KEYS)
+    assert metrics["image_auroc"] == 1.0 and metrics["pixel_auroc"] > 0.95
+    image_only = mean_image_metrics(_items(train), _items(test, masks), pixel_level=False)
+    assert image_only["image_auroc"] == 1.0 and image_only["pixel_aupro"] is None
+
+
+def test_mean_image_map_by_hand() -> None:
+    images = torch.zeros(1, 2, 3, 3)
+    images[0, 0, 1, 1] = 1.0
+    mean = torch.full((2, 3, 3), 0.25)
+    got = mean_image_map(images, mean)
+    expected = torch.full((1, 1, 3, 3), 0.25)
+    expected[0, 0, 1, 1] = (0.75 + 0.25) / 2
+    torch.testing.assert_close(got, expected)
+    with pytest.raises(ValueError, match=r"expected \(C, H, W\)"):
+        mean_image_map(images, torch.zeros(3, 3, 3))
+    with pytest.raises(ValueError, match="score"):
+        mean_image_metrics(_items(images), _items(images), score="median")

@@ -56,7 +56,7 @@ def test_synthetic_run_writes_the_contract(tmp_path):
     out = run_method(args)
     result = json.loads(out.read_text())
     assert set(result["metrics"]) == set(METRIC_KEYS)
-    assert set(result["variants"]) == {"ssim", "am", "ssim+am"}
+    assert set(result["variants"]) == {"ssim", "am", "ssim+am", "mean_image"}
     assert result["metrics"] == result["variants"]["ssim+am"]
     for values in result["variants"].values():
         assert all(0.0 <= v <= 1.0 for v in values.values())
@@ -153,7 +153,7 @@ def test_results_table_reads_only_measured_files(tmp_path):
     ucsd = runner.results_table(tmp_path, 2)
     assert ucsd == [{"category": "UCSD Ped1", "paper ssim": 0.95, "paper ssim+am": 0.95,
                      "measured ssim": None, "measured ssim+am": None, "measured am": None,
-                     "provenance": None}]
+                     "measured mean_image": None, "provenance": None}]
     cifar = runner.results_table(tmp_path, 3)
     assert cifar[0]["category"] == "airplane" and cifar[0]["paper ssim"] == 0.71
     synthetic = runner.results_table(tmp_path, "synthetic")

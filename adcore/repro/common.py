@@ -32,6 +32,7 @@ __all__ = [
     "ReproArgs",
     "evaluate",
     "load_datasets",
+    "mean_image_metrics",
     "provenance",
     "resolve_device",
     "run_method",
@@ -144,6 +145,56 @@ def evaluate(maps: Any, masks: Any, image_scores: Any, labels: Any) -> dict[str,
         "pixel_auroc_per_image": metrics.pixel_auroc(maps, masks, per_image=True),
         "pixel_aupro": metrics.aupro(maps, masks, fpr_limit=0.3),
     }
+
+
+@torch.no_grad()
+def mean_image_metrics(train_set: Any, test_set: Any, *, window_size: int = 1, dilation: int = 1,
+                       score: str = "mean", pixel_level: bool = True,
+                       batch_size: int = 64) -> dict[str, float | None]:
+    """The baseline row of every table (``variants["mean_image"]``), measured in the same run.
+
+    The map is :func:`adcore.maps.mean_image_map` against the mean of the training images;
+    the image score is the map's mean (the VQ-VAE paper, Sec. 3.4) or its maximum
+    (CFlow-AD), as the method it sits beside.
+
+    Args:
+        train_set, test_set: items with ``image`` (and ``mask``, ``label`` for the test set).
+        window_size, dilation: the method's post-processing (see ``mean_image_map``).
+        score: ``"mean"`` or ``"max"``.
+        pixel_level: False for image-level data sets (CIFAR-10): pixel metrics are None.
+        batch_size: images per pass.
+
+    Returns:
+        The four metrics of the contract.
+    """
+    from torch.utils.data import DataLoader
+
+    from adcore import metrics as adm
+    from adcore.maps import mean_image_map
+
+    if score not in ("mean", "max"):
+        raise ValueError(f"score={score!r}: expected 'mean' or 'max'")
+    total, count = None, 0
+    for batch in DataLoader(train_set, batch_size=batch_size):
+        images = batch["image"].double()
+        total = images.sum(0) if total is None else total + images.sum(0)
+        count += images.shape[0]
+    if not count:
+        raise ValueError("the training set is empty: no mean image")
+    mean_image = (total / count).float()
+    maps, masks, labels = [], [], []
+    for batch in DataLoader(test_set, batch_size=batch_size):
+        maps.append(mean_image_map(batch["image"], mean_image, window_size=window_size,
+                                   dilation=dilation)[:, 0])
+        masks.append(batch["mask"][:, 0])
+        labels.append(batch["label"])
+    all_maps, all_labels = torch.cat(maps), torch.cat(labels)
+    scores = all_maps.flatten(1).mean(1) if score == "mean" else all_maps.flatten(1).amax(1)
+    if pixel_level:
+        return evaluate(all_maps, torch.cat(masks), scores, all_labels)
+    result: dict[str, float | None] = {k: None for k in METRIC_KEYS}
+    result["image_auroc"] = adm.image_auroc(scores, all_labels)
+    return result
 
 
 def _git_commit() -> str:
