@@ -13,8 +13,10 @@ from adcore.train.vqvae import (
     VQVAETrainConfig,
     augment_batch,
     checkpoint_path,
+    codeword_counts,
     epoch_plan,
     images_to_tensor,
+    reset_dead_codewords,
     train_vqvae,
 )
 from adcore.vqvae import VQVAE
@@ -198,3 +200,43 @@ def test_cuda_fast_path_trains_and_nan_is_caught():
     with pytest.raises(NonFiniteLossError, match="at step"):
         train_vqvae(_model().cuda(), bad, VQVAETrainConfig(epochs=1, batch_size=4, check_every=50),
                     device="cuda")
+
+
+def test_reset_moves_dead_codewords_onto_encoder_outputs():
+    model = _model(codebook_size=32)
+    images = _images(4).float() / 255
+    with torch.no_grad():
+        model.quantizer.codebook[5:] = 1e3  # far from every encoder output: dead
+    counts = codeword_counts(model, images).float()
+    assert (counts[5:] == 0).all() and counts.sum() == 4 * 4 * 4
+    optimizer = torch.optim.Adam(model.parameters())
+    model.loss(images, model(images)).total.backward()
+    optimizer.step()
+    dead = counts == 0
+    reset = reset_dead_codewords(model, images, counts, optimizer, torch.Generator().manual_seed(0))
+    assert reset == int(dead.sum()) >= 27 and counts.sum() == 0  # counts start again
+    codebook = model.quantizer.codebook.detach()
+    z_e = model.eval().encode(images).permute(0, 2, 3, 1).reshape(-1, codebook.shape[1])
+    # every reset codeword now sits exactly on one encoder output
+    distances = torch.cdist(codebook[dead], z_e)
+    assert distances.min(1).values.max() < 1e-3  # cdist rounds at about 1e-4
+    state = optimizer.state[model.quantizer.codebook]
+    assert (state["exp_avg"][dead] == 0).all() and (state["exp_avg_sq"][dead] == 0).all()
+    assert (state["exp_avg_sq"][~dead] > 0).any()  # the live rows keep their moments
+    assert (codeword_counts(model, images) > 0).sum() > 5
+
+
+def test_training_with_resets_uses_more_codewords():
+    images = _images(8)
+    plain = VQVAETrainConfig(epochs=20, batch_size=4, lr=2e-3, check_every=5)
+    with_resets = VQVAETrainConfig(epochs=20, batch_size=4, lr=2e-3, check_every=5,
+                                   reset_dead_every=10)
+    used = []
+    for config in (plain, with_resets):
+        model = _model(codebook_size=64)
+        history = train_vqvae(model, images, config, device="cpu")
+        used.append(int((codeword_counts(model, images) > 0).sum()))
+    assert history.resets and all(step % 10 == 0 for step, _ in history.resets)
+    assert used[1] > used[0]
+    with pytest.raises(ValueError, match="reset_dead_every"):
+        VQVAETrainConfig(reset_dead_every=0)

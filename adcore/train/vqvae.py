@@ -45,15 +45,17 @@ __all__ = [
     "VQVAETrainConfig",
     "augment_batch",
     "checkpoint_path",
+    "codeword_counts",
     "epoch_plan",
     "images_to_tensor",
+    "reset_dead_codewords",
     "train_vqvae",
 ]
 
 _HISTORY_KEYS = ("loss", "reconstruction", "codebook", "commitment", "perplexity", "usage")
 #: fields of the training configuration that change results (checked on resume)
 _RESULT_FIELDS = ("batch_size", "lr", "images_per_epoch", "augment", "rotation_degrees",
-                  "hflip", "vflip", "seed")
+                  "hflip", "vflip", "seed", "reset_dead_every")
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,10 @@ class VQVAETrainConfig:
         channels_last: channels-last tensors on CUDA.
         compile: ``torch.compile`` the forward pass and loss.
         cuda_graph: capture the whole step (forward, backward, Adam) as a CUDA graph.
+        reset_dead_every: every this many steps, codewords that no latent position chose
+            since the last reset are re-initialised to encoder outputs of the current batch
+            (Łańcucki et al. 2020, the paper's reference [11]; :func:`reset_dead_codewords`).
+            None (default): the paper's plain training.
     """
 
     epochs: int = 100
@@ -94,6 +100,7 @@ class VQVAETrainConfig:
     channels_last: bool = True
     compile: bool = False
     cuda_graph: bool = False
+    reset_dead_every: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "check_every"):
@@ -105,6 +112,8 @@ class VQVAETrainConfig:
             raise ValueError(f"images_per_epoch={self.images_per_epoch}: expected >= 1 or None")
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every={self.checkpoint_every}: expected >= 1 or None")
+        if self.reset_dead_every is not None and self.reset_dead_every < 1:
+            raise ValueError(f"reset_dead_every={self.reset_dead_every}: expected >= 1 or None")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values, for checkpoints and result files."""
@@ -121,6 +130,7 @@ class TrainHistory:
             previous check.
         perplexity, usage: codebook perplexity and fraction of codewords used, averaged
             over the same steps (per batch).
+        resets: (step, codewords re-initialised) of each dead-codeword reset.
         seconds: wall time of this call (not counting an earlier, resumed part).
         images_per_second: training throughput of this call.
     """
@@ -132,6 +142,7 @@ class TrainHistory:
     commitment: list[float] = field(default_factory=list)
     perplexity: list[float] = field(default_factory=list)
     usage: list[float] = field(default_factory=list)
+    resets: list[list[int]] = field(default_factory=list)
     seconds: float = 0.0
     images_per_second: float = 0.0
 
@@ -246,6 +257,9 @@ class TrainStep:
         self.sums = torch.zeros(len(_HISTORY_KEYS) + 1, device=device)
         self.counter = torch.zeros((), dtype=torch.int64, device=device)
         self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+        # how often each codeword was chosen since the last reset (for reset_dead_every)
+        self.code_counts = (torch.zeros(model.config.codebook_size, device=device)
+                            if config.reset_dead_every else None)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_input: torch.Tensor | None = None
         if config.cuda_graph:
@@ -259,10 +273,14 @@ class TrainStep:
             losses = self.model.loss(images, output)
         q = output.quantizer
         return torch.stack([losses.total, losses.reconstruction, losses.codebook,
-                            losses.commitment, q.perplexity, q.usage]).float()
+                            losses.commitment, q.perplexity, q.usage]).float(), q.indices
 
     def _body(self, images: torch.Tensor) -> None:
-        values = self.forward_loss(images)
+        values, indices = self.forward_loss(images)
+        if self.code_counts is not None:
+            flat = indices.reshape(-1)
+            # index_add_, not bincount: no host synchronisation, so it can live in a graph
+            self.code_counts.index_add_(0, flat, torch.ones_like(flat, dtype=self.code_counts.dtype))
         self.optimizer.zero_grad(set_to_none=False)
         values[0].backward()
         self.optimizer.step()
@@ -321,6 +339,72 @@ class TrainStep:
         self.sums.zero_()
         count = max(values[-1], 1.0)
         return {k: v / count for k, v in zip(_HISTORY_KEYS, values[:-1])}
+
+
+# --------------------------------------------------------------------------- dead codewords
+@torch.no_grad()
+def reset_dead_codewords(model: VQVAE, images: torch.Tensor, counts: torch.Tensor,
+                         optimizer: torch.optim.Optimizer | None = None,
+                         generator: torch.Generator | None = None) -> int:
+    """Re-initialise the codewords no latent position chose (Łańcucki et al. 2020).
+
+    A codeword that no encoder output is nearest to gets no gradient from Eq. 4 and stays
+    dead for ever (codebook collapse). Each dead codeword is moved onto the encoder output
+    of a random latent position of ``images``, where it will be chosen; its Adam moments
+    are cleared. The encoder runs in eval mode here, so BatchNorm statistics do not move.
+
+    Args:
+        model: the VQ-VAE being trained.
+        images: (B, C, H, W) in [0, 1], a training batch on the model's device.
+        counts: (M,) how often each codeword was chosen since the last reset; zeroed here.
+        optimizer: the training optimizer (its state for the codebook is cleared for the
+            reset rows), or None.
+        generator: a CPU generator for the draws (reproducible resets).
+
+    Returns:
+        The number of codewords re-initialised.
+    """
+    dead = (counts == 0).nonzero().flatten()
+    counts.zero_()
+    if dead.numel() == 0:
+        return 0
+    was_training = model.training
+    model.eval()
+    z_e = model.encode(images).float()
+    model.train(was_training)
+    candidates = z_e.permute(0, 2, 3, 1).reshape(-1, z_e.shape[1])
+    pick = torch.randint(candidates.shape[0], (dead.numel(),), generator=generator)
+    codebook = model.quantizer.codebook
+    codebook[dead] = candidates[pick.to(candidates.device)].to(codebook.dtype)
+    state = optimizer.state.get(codebook, {}) if optimizer is not None else {}
+    for key in ("exp_avg", "exp_avg_sq"):
+        if key in state:
+            state[key][dead] = 0
+    return int(dead.numel())
+
+
+@torch.no_grad()
+def codeword_counts(model: VQVAE, images: torch.Tensor, *, batch_size: int = 64) -> torch.Tensor:
+    """How many latent positions of ``images`` choose each codeword: (M,) int64 on the CPU.
+
+    ``(codeword_counts(...) == 0).sum()`` is the number of dead codewords on that data.
+
+    Args:
+        model: a VQ-VAE (used in eval mode).
+        images: (N, C, H, W), uint8 (0–255) or float in [0, 1], on any device.
+        batch_size: images per pass.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    counts = torch.zeros(model.config.codebook_size, dtype=torch.int64)
+    scale = 255.0 if images.dtype == torch.uint8 else 1.0
+    for start in range(0, images.shape[0], batch_size):
+        batch = images[start:start + batch_size].to(device).float() / scale
+        indices = model.quantizer(model.encode(batch)).indices
+        counts += torch.bincount(indices.flatten().cpu(), minlength=counts.numel())
+    model.train(was_training)
+    return counts
 
 
 # --------------------------------------------------------------------------- the loop
@@ -453,6 +537,10 @@ def train_vqvae(model: VQVAE, images: torch.Tensor, config: VQVAETrainConfig | N
                                   plan["angles"][part])
         step_fn(batch)
         done = step + 1
+        if config.reset_dead_every and done % config.reset_dead_every == 0 and done != stop:
+            reset = reset_dead_codewords(model, batch, step_fn.code_counts, optimizer,
+                                         torch.Generator().manual_seed(config.seed + done))
+            history.resets.append([done, reset])
         if done % config.check_every == 0 or done == stop:
             check(done, bar)
         if config.checkpoint_every and done % config.checkpoint_every == 0 and done != stop:
