@@ -117,18 +117,38 @@ def test_run_tables_skips_absent_data(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(runner, "run_method", fake_run)
     results = tmp_path / "results"
     results.mkdir()
-    (results / "vqvae_synthetic_nut.json").write_text("{}")  # kept, not re-run
-    written = runner.run_tables(results, tmp_path / "data", None, True)
+    (results / "vqvae_synthetic_nut_s0.json").write_text("{}")  # kept, not re-run
+    written = runner.run_tables(results, tmp_path / "data", None, True, seeds=(0,))
     assert [c[:2] for c in calls] == [("synthetic", "concrete"), ("synthetic", "screw"),
                                       ("synthetic", "tile")]
     assert all(c[2] for c in calls)
-    assert [p.name for p in written] == ["vqvae_synthetic_concrete.json", "vqvae_synthetic_screw.json",
-                                         "vqvae_synthetic_tile.json"]
+    assert [p.name for p in written] == ["vqvae_synthetic_concrete_s0.json",
+                                         "vqvae_synthetic_screw_s0.json",
+                                         "vqvae_synthetic_tile_s0.json"]
     out = capsys.readouterr().out
-    assert "keep" in out and "vqvae_synthetic_nut.json" in out
-    assert "skip vqvae_mvtec_carpet.json: MVTec AD carpet" in out
-    assert "skip vqvae_ucsd-ped1.json: UCSD Ped1: no UCSD Ped1 data" in out
-    assert "skip vqvae_cifar10_truck.json: CIFAR-10: no CIFAR-10 data" in out
+    assert "keep" in out and "vqvae_synthetic_nut_s0.json" in out
+    assert "skip vqvae_mvtec_carpet_s0.json: MVTec AD carpet" in out
+    assert "skip vqvae_ucsd-ped1_s0.json: UCSD Ped1: no UCSD Ped1 data" in out
+    assert "skip vqvae_cifar10_truck_s0.json: CIFAR-10: no CIFAR-10 data" in out
+    # a second call with more seeds runs exactly the missing ones, of the data sets asked
+    calls.clear()
+    runner.run_tables(results, tmp_path / "data", None, True, seeds=(0, 1), datasets=("synthetic",))
+    assert [(c[0], c[1]) for c in calls] == [("synthetic", c) for c in
+                                             ("concrete", "nut", "screw", "tile")]
+    with pytest.raises(ValueError, match="unknown data set"):
+        runner.run_tables(results, tmp_path / "data", None, True, datasets=("imagenet",))
+
+
+def _write(path, seed, ssim, fused, mean_image=None, commit="abc"):
+    def metrics(value):
+        return {"image_auroc": value, "pixel_auroc": value - 0.1, "pixel_auroc_per_image": value,
+                "pixel_aupro": 0.5}
+    variants = {"ssim": metrics(ssim), "ssim+am": metrics(fused), "am": metrics(0.5)}
+    if mean_image is not None:
+        variants["mean_image"] = metrics(mean_image)
+    path.write_text(json.dumps({
+        "metrics": metrics(fused), "variants": variants, "config": {"seed": seed},
+        "provenance": {"device": "cpu", "date": f"2026-01-0{seed + 1}", "git_commit": commit}}))
 
 
 def test_results_table_reads_only_measured_files(tmp_path):
@@ -139,28 +159,38 @@ def test_results_table_reads_only_measured_files(tmp_path):
     assert len(rows) == 15
     tile = next(r for r in rows if r["category"] == "tile")
     assert tile["paper ssim+am"] == 0.75 and tile["measured ssim+am"] is None  # not run
-    assert tile["provenance"] is None
-    measured = {"image_auroc": 0.6, "pixel_auroc": 0.7, "pixel_auroc_per_image": 0.81, "pixel_aupro": 0.5}
-    (tmp_path / "vqvae_mvtec_tile.json").write_text(json.dumps({
-        "metrics": measured, "variants": {"ssim": {**measured, "pixel_auroc_per_image": 0.77},
-                                          "ssim+am": measured, "am": measured},
-        "config": {}, "provenance": {"device": "cpu", "date": "2026-01-01", "git_commit": "abc"}}))
+    assert tile["provenance"] is None and tile["seeds"] == []
+    for seed, (ssim, fused, mean) in enumerate([(0.70, 0.80, 0.60), (0.72, 0.78, 0.64),
+                                                (0.68, 0.81, 0.62)]):
+        _write(tmp_path / f"vqvae_mvtec_tile_s{seed}.json", seed, ssim, fused, mean)
     tile = next(r for r in runner.results_table(tmp_path, 1) if r["category"] == "tile")
-    assert tile["measured ssim+am"] == 0.81 and tile["measured ssim"] == 0.77
-    assert tile["provenance"] == {"device": "cpu", "date": "2026-01-01", "git_commit": "abc"}
-    assert next(r for r in runner.results_table(tmp_path, 1, "pixel_auroc")
-                if r["category"] == "tile")["measured ssim+am"] == 0.7
-    ucsd = runner.results_table(tmp_path, 2)
-    assert ucsd == [{"category": "UCSD Ped1", "paper ssim": 0.95, "paper ssim+am": 0.95,
-                     "measured ssim": None, "measured ssim+am": None, "measured am": None,
-                     "measured mean_image": None, "provenance": None}]
-    cifar = runner.results_table(tmp_path, 3)
-    assert cifar[0]["category"] == "airplane" and cifar[0]["paper ssim"] == 0.71
+    assert tile["seeds"] == [0, 1, 2]
+    assert tile["measured ssim+am"] == pytest.approx((0.80 + 0.78 + 0.81) / 3)
+    assert tile["std ssim"] == pytest.approx(0.02)
+    assert tile["measured mean_image"] == pytest.approx(0.62)
+    # differences paired by seed: +0.10, +0.06, +0.13
+    assert tile["paired"]["ssim+am"]["mean"] == pytest.approx(0.29 / 3)
+    assert tile["paired"]["ssim+am"]["n"] == 3
+    assert [p["seed"] for p in tile["provenance"]] == [0, 1, 2]
+    assert tile["provenance"][1] == {"seed": 1, "device": "cpu", "date": "2026-01-02",
+                                     "git_commit": "abc"}
+    pooled = next(r for r in runner.results_table(tmp_path, 1, "pixel_auroc")
+                  if r["category"] == "tile")
+    assert pooled["measured ssim"] == pytest.approx(0.60)
+    # one seed: no spread; a file from before the baseline existed has no mean_image
+    _write(tmp_path / "vqvae_cifar10_cat_s0.json", 0, 0.6, 0.62)
+    cat = next(r for r in runner.results_table(tmp_path, 3) if r["category"] == "cat")
+    assert cat["std ssim"] is None and cat["measured mean_image"] is None
+    assert cat["paired"]["mean_image"]["n"] == 0
+    # a file without the seed suffix counts as its configuration's seed
+    _write(tmp_path / "vqvae_synthetic_nut.json", 4, 0.7, 0.75)
     synthetic = runner.results_table(tmp_path, "synthetic")
     assert [r["category"] for r in synthetic] == ["concrete", "nut", "screw", "tile"]
-    assert "paper ssim" not in synthetic[0]
-    (tmp_path / "vqvae_cifar10_cat.json").write_text("{not json")
-    with pytest.raises(ValueError, match="vqvae_cifar10_cat.json is not valid JSON"):
+    assert synthetic[1]["seeds"] == [4] and "paper ssim" not in synthetic[0]
+    ucsd = runner.results_table(tmp_path, 2)
+    assert ucsd[0]["category"] == "UCSD Ped1" and ucsd[0]["measured ssim"] is None
+    (tmp_path / "vqvae_cifar10_dog_s1.json").write_text("{not json")
+    with pytest.raises(ValueError, match="vqvae_cifar10_dog_s1.json is not valid JSON"):
         runner.results_table(tmp_path, 3)
     with pytest.raises(ValueError, match="table=4"):
         runner.results_table(tmp_path, 4)

@@ -34,7 +34,9 @@ __all__ = [
     "load_datasets",
     "mean_image_metrics",
     "provenance",
+    "read_result",
     "resolve_device",
+    "seed_stats",
     "run_method",
     "write_result",
 ]
@@ -279,6 +281,33 @@ def write_result(out: str | os.PathLike, *, metrics: dict[str, float | None],
     with atomic_path(out, overwrite=force) as tmp:
         tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
     return out
+
+
+def read_result(path: str | os.PathLike) -> dict[str, Any]:
+    """Read one result file of the contract (the counterpart of :func:`write_result`).
+
+    Raises:
+        ValueError: the file is not valid JSON or lacks ``metrics``/``provenance`` (the
+            message names the file).
+        FileNotFoundError: there is no such file.
+    """
+    path = Path(path)
+    try:
+        result = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(result, dict) or "metrics" not in result or "provenance" not in result:
+        raise ValueError(f"{path} is not a runner result (expected 'metrics' and 'provenance')")
+    return result
+
+
+def seed_stats(values: list[float]) -> dict[str, Any]:
+    """Mean, sample standard deviation (None below two seeds) and count of per-seed values."""
+    array = np.asarray([v for v in values if v is not None], dtype=float)
+    if array.size == 0:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": float(array.mean()),
+            "std": float(array.std(ddof=1)) if array.size > 1 else None, "n": int(array.size)}
 
 
 def run_method(args: ReproArgs) -> Path:

@@ -21,6 +21,7 @@ that a laptop runs it in minutes; ``--fast`` shrinks everything to a CI-sized ru
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -43,7 +44,12 @@ from adcore.repro.common import (
 )
 from adcore.runtime import fast_mode, seed_everything
 from adcore.train.loop import progress
-from adcore.train.vqvae import VQVAETrainConfig, images_to_tensor, train_vqvae
+from adcore.train.vqvae import (
+    VQVAETrainConfig,
+    codeword_counts,
+    images_to_tensor,
+    train_vqvae,
+)
 from adcore.vqvae import VQVAE, VQVAEConfig
 
 __all__ = [
@@ -52,7 +58,8 @@ __all__ = [
     "PAPER_TABLE2",
     "PAPER_TABLE3",
     "evaluate_model",
-    "load_result",
+    "TABLE_VARIANTS",
+    "load_results",
     "resolve_settings",
     "result_name",
     "results_table",
@@ -275,6 +282,9 @@ def run(args: ReproArgs) -> dict[str, Any]:
             "final_loss": history.loss[-1] if history.loss else None,
             "final_perplexity": history.perplexity[-1] if history.perplexity else None,
             "final_codebook_usage": history.usage[-1] if history.usage else None,
+            # codewords no training image's latent position chooses (codebook collapse)
+            "dead_codewords": int((codeword_counts(model, images) == 0).sum()),
+            "codeword_resets": history.resets,
             "images_per_second": round(history.images_per_second, 1),
         },
     }
@@ -309,24 +319,28 @@ def _table_runs(root: Path) -> list[tuple[str, str | None, Path | None, str | No
     return runs
 
 
-def result_name(dataset: str, category: str | None) -> str:
-    """File name of a table cell's result: ``vqvae_<dataset>[_<category>].json``."""
-    return f"vqvae_{dataset}" + (f"_{category}" if category else "") + ".json"
+def result_name(dataset: str, category: str | None, seed: int = 0) -> str:
+    """File name of one seed of a table cell: ``vqvae_<dataset>[_<category>]_s<seed>.json``."""
+    return f"vqvae_{dataset}" + (f"_{category}" if category else "") + f"_s{seed}.json"
 
 
 def run_tables(results_dir: Path, root: Path | None, device: str | None,
-               fast: bool) -> list[Path]:
+               fast: bool, seeds: tuple[int, ...] = (0, 1, 2),
+               datasets: tuple[str, ...] | None = None) -> list[Path]:
     """Run Tables 1–3 of the paper (and the synthetic categories) for the data that is present.
 
-    Each cell is one ``repro`` run writing ``results_dir/vqvae_<dataset>[_<category>].json``.
-    Absent data sets are skipped with a message; existing result files are kept (delete one
-    to run it again).
+    Each cell and seed is one ``repro`` run writing
+    ``results_dir/vqvae_<dataset>[_<category>]_s<seed>.json``. Absent data sets are skipped
+    with a message; existing result files are kept (delete one to run it again), so a second
+    call runs exactly the missing cells.
 
     Args:
         results_dir: where result files go (``book/results``).
         root: the data root (default :func:`adcore.data.data_root`).
         device: ``--device`` for every run.
         fast: CI-sized runs.
+        seeds: the seeds of every cell (the tables show their mean and spread).
+        datasets: only these data sets (default: all of :data:`DATASETS`).
 
     Returns:
         The result files written.
@@ -334,19 +348,26 @@ def run_tables(results_dir: Path, root: Path | None, device: str | None,
     from adcore.data.root import data_root
 
     root = Path(root) if root is not None else data_root()
+    wanted = set(datasets or DATASETS)
+    unknown = wanted - set(DATASETS)
+    if unknown:
+        raise ValueError(f"unknown data set(s) {sorted(unknown)}; expected some of {DATASETS}")
+    cells = [cell for cell in _table_runs(root) if cell[0] in wanted]
+    planned = []
+    for dataset, category, data_dir, missing in cells:
+        for seed in seeds:
+            name = result_name(dataset, category, seed)
+            if missing:
+                print(f"skip {name}: {missing}")
+            elif (Path(results_dir) / name).exists():
+                print(f"keep {Path(results_dir) / name} (exists; delete it to run again)")
+            else:
+                planned.append((dataset, category, data_dir, seed, name))
     written = []
-    for dataset, category, data_dir, missing in _table_runs(root):
-        name = result_name(dataset, category)
-        if missing:
-            print(f"skip {name}: {missing}")
-            continue
-        out = Path(results_dir) / name
-        if out.exists():
-            print(f"keep {out} (exists; delete it to run again)")
-            continue
-        print(f"run {name}")
-        args = ReproArgs(method="vqvae", dataset=dataset, out=out, root=data_dir,
-                         category=category, device=device, fast=fast)
+    for index, (dataset, category, data_dir, seed, name) in enumerate(planned, 1):
+        print(f"run {index}/{len(planned)}: {name}", flush=True)
+        args = ReproArgs(method="vqvae", dataset=dataset, out=Path(results_dir) / name,
+                         root=data_dir, category=category, device=device, fast=fast, seed=seed)
         written.append(run_method(args))
     return written
 
@@ -382,29 +403,37 @@ PAPER_TABLE3: dict[str, dict[str, float]] = {
 }
 
 
-def load_result(results_dir: str | Path, dataset: str, category: str | None) -> dict[str, Any] | None:
-    """The result file of one table cell, or None when it was not run.
+def load_results(results_dir: str | Path, dataset: str,
+                 category: str | None) -> list[dict[str, Any]]:
+    """Every seed's result file of one table cell, by seed (empty when it was not run).
+
+    Files are ``vqvae_<dataset>[_<category>]_s<seed>.json``; a file without the seed suffix
+    (written before result files were named by seed) counts as the seed in its configuration.
 
     Raises:
-        ValueError: the file exists but is not a result of the contract (the message names it).
+        ValueError: a file exists but is not a result of the contract (the message names it).
     """
-    import json
+    from adcore.repro.common import read_result
 
-    path = Path(results_dir) / result_name(dataset, category)
-    if not path.is_file():
-        return None
-    try:
-        result = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
-    if not isinstance(result, dict) or "metrics" not in result or "provenance" not in result:
-        raise ValueError(f"{path} is not a runner result (expected 'metrics' and 'provenance')")
-    return result
+    stem = f"vqvae_{dataset}" + (f"_{category}" if category else "")
+    seeded = re.compile(rf"{re.escape(stem)}(_s\d+)?\.json")
+    results = {}
+    for path in sorted(Path(results_dir).glob(f"{stem}*.json")):
+        if not seeded.fullmatch(path.name):
+            continue  # another category whose name starts with this one's
+        result = read_result(path)
+        result["file"] = path.name
+        results[int(result.get("config", {}).get("seed", 0))] = result
+    return [results[seed] for seed in sorted(results)]
+
+
+#: the variants of a VQ-VAE run shown in the tables; differences are paired against ``ssim``
+TABLE_VARIANTS: tuple[str, ...] = ("ssim", "ssim+am", "am", "mean_image")
 
 
 def results_table(results_dir: str | Path, table: int | str, metric: str | None = None,
                   ) -> list[dict[str, Any]]:
-    """Rows of a paper table next to the measured values (chapter 5 prints them).
+    """Rows of a paper table next to the measured values over seeds (chapter 5 prints them).
 
     Measured values come only from result files in ``results_dir``; a cell without a file is
     ``None`` ("not run"). The paper's own values are in separate ``paper ...`` keys and never
@@ -417,12 +446,15 @@ def results_table(results_dir: str | Path, table: int | str, metric: str | None 
             per-image convention for tables 1–2 and synthetic, image AUROC for table 3).
 
     Returns:
-        One dict per row: ``category``, ``paper ssim``, ``paper ssim+am`` (absent for
-        synthetic), ``measured ssim``, ``measured ssim+am``, ``measured am``,
-        ``measured mean_image`` (the baseline; None in files written before it existed) and
-        ``provenance`` (device, date, commit) or None.
+        One dict per row: ``category``; ``paper ssim`` and ``paper ssim+am`` (absent for
+        synthetic); for each of :data:`TABLE_VARIANTS` ``measured <variant>`` (mean over
+        seeds, None when not run) and ``std <variant>`` (sample standard deviation, None
+        below two seeds); ``paired`` (variant -> mean and std over seeds of the difference
+        to ``ssim`` of the same seed, for the other variants); ``seeds``; and ``provenance``
+        (one dict per seed: seed, device, date, commit) or None.
     """
     from adcore.data import SYNTHETIC_CATEGORIES
+    from adcore.repro.common import seed_stats
 
     if table in (1, "1"):
         dataset, rows, paper = "mvtec", list(PAPER_TABLE1), PAPER_TABLE1
@@ -443,12 +475,25 @@ def results_table(results_dir: str | Path, table: int | str, metric: str | None 
         for variant in ("ssim", "ssim+am"):
             if category in paper:
                 row[f"paper {variant}"] = paper[category][variant]
-        result = load_result(results_dir, dataset, category)
-        variants = (result or {}).get("variants", {})
-        for variant in ("ssim", "ssim+am", "am", "mean_image"):
-            value = variants.get(variant, {}).get(metric) if result else None
-            row[f"measured {variant}"] = value
-        row["provenance"] = None if result is None else {
-            k: result["provenance"].get(k) for k in ("device", "date", "git_commit")}
+        results = load_results(results_dir, dataset, category)
+
+        def values(variant: str, of: list[dict[str, Any]] = results) -> list[float | None]:
+            return [r.get("variants", {}).get(variant, {}).get(metric) for r in of]
+
+        for variant in TABLE_VARIANTS:
+            stats = seed_stats(values(variant))
+            row[f"measured {variant}"] = stats["mean"]
+            row[f"std {variant}"] = stats["std"]
+        paired = {}
+        for variant in TABLE_VARIANTS[1:]:
+            pairs = [(a, b) for a, b in zip(values(variant), values("ssim"))
+                     if a is not None and b is not None]
+            stats = seed_stats([a - b for a, b in pairs])
+            paired[variant] = {"mean": stats["mean"], "std": stats["std"], "n": stats["n"]}
+        row["paired"] = paired
+        row["seeds"] = [int(r.get("config", {}).get("seed", 0)) for r in results]
+        row["provenance"] = [
+            {"seed": seed, **{k: r["provenance"].get(k) for k in ("device", "date", "git_commit")}}
+            for seed, r in zip(row["seeds"], results)] or None
         out.append(row)
     return out
