@@ -62,7 +62,10 @@ def _parser() -> argparse.ArgumentParser:
     tables.add_argument("--device", default=None)
     tables.add_argument("--fast", action="store_true")
     tables.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
-                        help="seeds of every cell (vqvae; default 0 1 2)")
+                        help="seeds of every cell (default 0 1 2)")
+    tables.add_argument("--epochs", type=int, default=None,
+                        help="cflow: epochs of the contrastive runs (default: the paper's 200; "
+                             "shorter runs keep the schedule's fractions)")
     tables.add_argument("--dataset", dest="datasets", nargs="+", default=None,
                         help="only these data sets (vqvae: synthetic mvtec ucsd-ped1 cifar10)")
     return parser
@@ -80,11 +83,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {out}")
         else:
             module = importlib.import_module(METHODS[args.name])
-            extra = ({"seeds": tuple(args.seeds),
-                      "datasets": tuple(args.datasets) if args.datasets else None}
-                     if args.name == "vqvae" else {})
+            extra = ({"datasets": tuple(args.datasets) if args.datasets else None}
+                     if args.name == "vqvae" else {"epochs": args.epochs})
             written = module.run_tables(args.results_dir, args.root, args.device, args.fast,
-                                        **extra)
+                                        seeds=tuple(args.seeds), **extra)
             print(f"wrote {len(written)} result file(s) into {args.results_dir}")
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -23,7 +23,9 @@ from adcore.repro.contrastive import (
     PRIVATE_COLUMNS,
     prepare,
     resolve_settings,
+    result_name,
     results_table,
+    variant_of,
 )
 from adcore.train.cflow import FiberPair, train_cflow
 from adcore.train.contrastive import (
@@ -33,6 +35,7 @@ from adcore.train.contrastive import (
     SyntheticAnomalyAugment,
     make_contrastive,
     paper_train_config,
+    scaled_schedule,
     train_contrastive,
 )
 
@@ -380,6 +383,19 @@ def test_prepare_standard_settings_are_the_papers(crack_root_dir: Path, tmp_path
     settings = resolve_settings(_args(tmp_path, fast=False, loss="fusion"))
     assert (settings["image_size"], settings["epochs"], settings["batch_size"]) == (256, 200, 8)
     assert settings["start_epoch"] == 8 and settings["fiber_batch"] == 256
+    assert settings["milestones"] == (50, 75, 90)
+    # a shorter run keeps the paper's fractions of the schedule
+    short = resolve_settings(_args(tmp_path, fast=False, loss="fusion", epochs=16))
+    assert (short["milestones"], short["start_epoch"]) == ((4, 6, 7), 1)
+
+
+def test_scaled_schedule() -> None:
+    assert scaled_schedule(200) == {"milestones": (50, 75, 90), "start_epoch": 8, "scale": 1.0}
+    assert scaled_schedule(40)["milestones"] == (10, 15, 18)
+    assert scaled_schedule(40)["start_epoch"] == 2
+    assert scaled_schedule(2) == {"milestones": (1, 1, 1), "start_epoch": 1, "scale": 0.01}
+    with pytest.raises(ValueError, match="epochs=1"):
+        scaled_schedule(1)
 
 
 def test_prepare_synthetic(tmp_path: Path) -> None:
@@ -391,7 +407,7 @@ def test_prepare_synthetic(tmp_path: Path) -> None:
 
 
 def test_prepare_bad_inputs(crack_root_dir: Path, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="no epoch for the contrastive term"):
+    with pytest.raises(ValueError, match="at least 2 epochs"):
         prepare(_args(tmp_path, root=crack_root_dir, epochs=1))
     with pytest.raises(ValueError, match="no data set 'cifar10'"):
         prepare(_args(tmp_path, dataset="cifar10"))
@@ -421,16 +437,35 @@ def test_prepare_on_the_shared_cracks(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------- Table 1
 def _result(path: Path, dataset: str, loss: str, fast: bool, date: str, auroc: float,
-            target: str | None = None, epochs: int | None = None) -> None:
-    config = {"method": "cflow", "dataset": dataset, "loss": loss, "fast": fast,
+            target: str | None = None, epochs: int | None = None, seed: int = 0,
+            variant: dict | None = None, baseline: float | None = None) -> None:
+    config = {"method": "cflow", "dataset": dataset, "loss": loss, "fast": fast, "seed": seed,
               "category": "tile" if dataset == "mvtec" else None,
               "train": {"epochs": epochs if epochs is not None else (4 if fast else 200)}}
+    variant = {"flow_loss": "logsigmoid", "masks": "binary", "fusion": "sum", **(variant or {})}
+    config["contrastive_setup"] = {"flow_loss": variant["flow_loss"], "masks": variant["masks"],
+                                   "contrastive": {"fusion": variant["fusion"]}}
     if target:
-        config["contrastive_setup"] = {"data": {"target": target}}
-    metrics = {"image_auroc": 0.9, "pixel_auroc": auroc, "pixel_auroc_per_image": 0.9,
-               "pixel_aupro": auroc - 0.2}
+        config["contrastive_setup"]["data"] = {"target": target}
+
+    def metrics(value: float) -> dict:
+        return {"image_auroc": 0.9, "pixel_auroc": value, "pixel_auroc_per_image": 0.9,
+                "pixel_aupro": value - 0.2}
+
     provenance = {"device": "cpu", "date": date, "git_commit": "abc"}
-    path.write_text(json.dumps({"metrics": metrics, "config": config, "provenance": provenance}))
+    result = {"metrics": metrics(auroc), "config": config, "provenance": provenance}
+    if baseline is not None:
+        result["variants"] = {"mean_image": metrics(baseline)}
+    path.write_text(json.dumps(result))
+
+
+def test_result_names_say_schedule_variant_and_seed() -> None:
+    assert result_name("cracks", "cfd", "none", False, seed=2, epochs=16) == \
+        "cflow_cracks_cfd_none_e16_s2.json"
+    assert result_name("cracks", "cfd", "cl", True) == "cflow_cracks_cfd_cl_fast_s0.json"
+    assert result_name("mvtec", "tile", "fusion", False, epochs=200,
+                       variant={"fusion": "literal", "flow_loss": "nll"}) == \
+        "cflow_mvtec_tile_fusion_nll_literal_s0.json"
 
 
 def test_results_table_reads_only_result_files(tmp_path: Path) -> None:
@@ -440,6 +475,7 @@ def test_results_table_reads_only_result_files(tmp_path: Path) -> None:
             "2026-01-01", 0.95, "cfd")
     _result(tmp_path / "cflow_cracks_cfd_cl_fast.json", "cracks", "cl", True, "2026-01-01",
             0.80, "cfd")
+    # the same seed twice: the more recent file counts
     _result(tmp_path / "cflow_cracks_cfd_cl_fast2.json", "cracks", "cl", True, "2026-01-03",
             0.85, "cfd")
     _result(tmp_path / "cflow_mvtec_tile.json", "mvtec", "none", False, "2026-01-01", 0.97)
@@ -450,8 +486,9 @@ def test_results_table_reads_only_result_files(tmp_path: Path) -> None:
     assert rows["boundary"]["paper"]["crack500"] == (95.30, 76.54)
     boundary = rows["boundary"]["measured"]["crack500"]
     assert boundary["fast"] is False and boundary["pixel_auroc"] == pytest.approx(95.0)
-    assert "stand-in" in boundary["data"] and boundary["provenance"]["device"] == "cpu"
+    assert "stand-in" in boundary["data"] and boundary["provenance"][0]["device"] == "cpu"
     assert rows["cl"]["measured"]["crack500"]["pixel_auroc"] == pytest.approx(85.0)  # latest
+    assert rows["cl"]["measured"]["crack500"]["n"] == 1
     assert rows["none"]["measured"]["tile"]["pixel_aupro"] == pytest.approx(77.0)
     assert rows["none"]["measured"]["crack500"] is None  # not run
     assert all(row["measured"][c] is None for row in rows.values() for c in PRIVATE_COLUMNS)
@@ -460,6 +497,41 @@ def test_results_table_reads_only_result_files(tmp_path: Path) -> None:
     (tmp_path / "cflow_broken.json").write_text("{not json")
     with pytest.raises(ValueError, match="cflow_broken.json"):
         results_table(tmp_path)
+
+
+def test_results_table_over_seeds_with_baseline_and_pairs(tmp_path: Path) -> None:
+    for seed, (none, boundary) in enumerate([(0.90, 0.92), (0.91, 0.92), (0.89, 0.93)]):
+        _result(tmp_path / f"cflow_n{seed}.json", "cracks", "none", False, "2026-01-01", none, "cfd",
+                16, seed, baseline=0.80)
+        _result(tmp_path / f"cflow_b{seed}.json", "cracks", "boundary", False, "2026-01-01", boundary,
+                "cfd", 16, seed)
+    # an older run trained with area masks and the NLL is another variant: not in the table
+    _result(tmp_path / "cflow_old.json", "cracks", "boundary", False, "2026-01-09", 0.99, "cfd", 16,
+            variant={"masks": "area", "flow_loss": "nll"})
+    rows = {row["loss"]: row for row in results_table(tmp_path)}
+    none, boundary = rows["none"]["measured"]["crack500"], rows["boundary"]["measured"]["crack500"]
+    assert none["seeds"] == [0, 1, 2] and none["pixel_auroc"] == pytest.approx(90.0)
+    assert none["std"]["pixel_auroc"] == pytest.approx(1.0)
+    assert none["mean_image"]["pixel_auroc"] == pytest.approx(80.0)
+    assert boundary["mean_image"] is None and none["paired"] is None
+    # paired by seed: +2, +1, +4
+    assert boundary["paired"]["pixel_auroc"]["mean"] == pytest.approx(7 / 3)
+    assert boundary["paired"]["pixel_auroc"]["n"] == 3
+    old = {row["loss"]: row for row in results_table(tmp_path, {"masks": "area",
+                                                                "flow_loss": "nll"})}
+    assert old["boundary"]["measured"]["crack500"]["pixel_auroc"] == pytest.approx(99.0)
+    assert old["none"]["measured"]["crack500"] is None
+    with pytest.raises(ValueError, match="variant keys"):
+        results_table(tmp_path, {"mask": "area"})
+
+
+def test_files_without_the_variant_are_the_old_setting(tmp_path: Path) -> None:
+    path = tmp_path / "cflow_cracks_cfd_none_e16.json"
+    _result(path, "cracks", "none", False, "2026-01-01", 0.9, "cfd", 16)
+    result = json.loads(path.read_text())
+    setup = result["config"]["contrastive_setup"]
+    del setup["flow_loss"], setup["masks"]
+    assert variant_of(result) == {"flow_loss": "nll", "masks": "area", "fusion": "sum"}
 
 
 def test_results_table_ranks_fast_reduced_and_paper_runs(tmp_path: Path) -> None:

@@ -86,16 +86,20 @@ def test_tables_skip_what_is_absent(tmp_path, capsys, monkeypatch) -> None:
     monkeypatch.setattr(common, "run_method", fake_run_method)  # Table 1 runs go through it
     (tmp_path / "no_cracks").mkdir()
     monkeypatch.setenv("ADCORE_CRACKS", str(tmp_path / "no_cracks"))
-    written = repro_cflow.run_tables(tmp_path / "results", tmp_path / "no_mvtec", "cpu", True)
+    written = repro_cflow.run_tables(tmp_path / "results", tmp_path / "no_mvtec", "cpu", True,
+                                     seeds=(0,))
     printed = capsys.readouterr().out
     assert "skip: MVTec AD tile not found" in printed and "Lingo (private)" in printed
     assert "skip: no crack data" in printed
     assert [a.dataset for a in calls] == ["synthetic"]
-    assert written == [tmp_path / "results" / "cflow_synthetic_concrete_fast.json"]
+    assert written == [tmp_path / "results" / "cflow_synthetic_concrete_fast_s0.json"]
     assert not calls[0].force and calls[0].fast and calls[0].root is None
-    # An existing result is kept, not measured again.
+    # An existing result is kept, not measured again; another seed is.
     calls.clear()
     (tmp_path / "results").mkdir()
     written[0].write_text("{}")
-    assert repro_cflow.run_tables(tmp_path / "results", tmp_path / "no_mvtec", "cpu", True) == []
+    assert repro_cflow.run_tables(tmp_path / "results", tmp_path / "no_mvtec", "cpu", True,
+                                  seeds=(0,)) == []
     assert calls == [] and "keep:" in capsys.readouterr().out
+    repro_cflow.run_tables(tmp_path / "results", tmp_path / "no_mvtec", "cpu", True, seeds=(0, 1))
+    assert [(a.dataset, a.seed) for a in calls] == [("synthetic", 1)]

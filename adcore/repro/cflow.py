@@ -188,7 +188,8 @@ def run(args: ReproArgs) -> dict[str, Any]:
 
 
 def run_tables(results_dir: Path, root: Path | None, device: str | None,
-               fast: bool) -> list[Path]:
+               fast: bool, seeds: tuple[int, ...] = (0, 1, 2),
+               epochs: int | None = None) -> list[Path]:
     """The runs behind the book's CFlow-AD tables, for the data that is present.
 
     L_None on the synthetic set (the book's comparison with the VQ-VAE) and on MVTec AD
@@ -196,8 +197,14 @@ def run_tables(results_dir: Path, root: Path | None, device: str | None,
     (Crack500, RDG, Lingo) are not available here and are reported as skipped. The
     contrastive rows of Table 1 are produced by ``--loss`` runs (chapter 9).
 
+    Args:
+        results_dir, root, device, fast: as ``python -m adcore tables``.
+        seeds: the seeds of every cell.
+        epochs: the contrastive runs' ``--epochs`` (None: the paper's schedule).
+
     Returns:
-        The result files written (``cflow_<dataset>_<category>[_fast].json``).
+        The result files written (``cflow_<dataset>_<category>[_fast]_s<seed>.json`` and the
+        contrastive runs' files).
     """
     from adcore.data import data_root
 
@@ -213,16 +220,17 @@ def run_tables(results_dir: Path, root: Path | None, device: str | None,
         print(f"skip: {name} is not available here")
     written = []
     for dataset, category, data in runs:
-        out = results_dir / f"cflow_{dataset}_{category}{suffix}.json"
-        if out.exists():  # a measured result is never replaced without being asked
-            print(f"keep: {out} exists (delete it to measure again)")
-            continue
-        args = ReproArgs(method="cflow", dataset=dataset, out=out, root=data, category=category,
-                         device=device, fast=fast)
-        written.append(run_method(args))
-        print(f"wrote {out}")
+        for seed in seeds:
+            out = results_dir / f"cflow_{dataset}_{category}{suffix}_s{seed}.json"
+            if out.exists():  # a measured result is never replaced without being asked
+                print(f"keep: {out} exists (delete it to measure again)")
+                continue
+            args = ReproArgs(method="cflow", dataset=dataset, out=out, root=data,
+                             category=category, device=device, fast=fast, seed=seed)
+            written.append(run_method(args))
+            print(f"wrote {out}")
     # Table 1 of the civil-engineering paper: every loss on cracks and on MVTec AD tile.
     from adcore.repro.contrastive import run_table1
 
-    written += run_table1(results_dir, root, device, fast)
+    written += run_table1(results_dir, root, device, fast, seeds=seeds, epochs=epochs)
     return written

@@ -18,11 +18,12 @@ decides what the paper decides:
   with another seed than the test set's) as sources.
 
 Schedule (Sec. 3.2): 256x256 images, 200 epochs of batch 8, lr 2e-4 divided by 10 after
-epochs 50, 75 and 90, contrastive terms from epoch 8 on, EfficientNet-B6 when its weights
+epochs 50, 75 and 90, contrastive terms from epoch 8 on (``--epochs N`` keeps the same
+fractions: :func:`adcore.train.contrastive.scaled_schedule`), EfficientNet-B6 when its weights
 are available (else the offline ``tf_efficientnet_lite0``, recorded in the result file).
 Image size, epochs, batch and fiber batch are the CFlow-AD runner's (:mod:`adcore.repro.cflow`),
 so the runs with and without a contrastive term differ only by it. ``--fast`` is a CI-sized
-run: the runner's (128x128, 4 epochs) with the terms from epoch 1 and a few images.
+run: the runner's (128x128, 4 epochs, so the terms start at epoch 1) and a few images.
 Chapter 9 (``book/09_cflow_table``) shows the result files next to the paper's table.
 """
 
@@ -36,10 +37,10 @@ from typing import Any
 from adcore.repro.common import ReproArgs, load_datasets
 from adcore.runtime import fast_mode
 from adcore.train.contrastive import (
-    CONTRASTIVE_START_EPOCH,
     SyntheticAnomalyAugment,
     make_contrastive,
     paper_train_config,
+    scaled_schedule,
 )
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "LOSSES",
     "MVTEC_SOURCE_CATEGORY",
     "PAPER_TABLE1",
+    "DEFAULT_VARIANT",
     "PRIVATE_COLUMNS",
     "TABLE1_COLUMNS",
     "prepare",
@@ -54,6 +56,7 @@ __all__ = [
     "result_name",
     "results_table",
     "run_table1",
+    "variant_of",
 ]
 
 DATASETS: tuple[str, ...] = ("cracks", "mvtec", "synthetic")
@@ -67,15 +70,13 @@ CRACK_SOURCE = "deepcrack"
 #: STANDARD` / ``FAST``: image size, epochs, batch, fiber batch, synthetic set sizes), so that a
 #: run with ``--loss none`` and one with a contrastive term see the same data and schedule.
 _STANDARD: dict[str, Any] = {
-    "start_epoch": CONTRASTIVE_START_EPOCH,
     "cracks": {"n_train_images": None, "n_test_images": None, "n_sources": None},
     "synthetic": {"n_sources": 32},
     "mvtec": {"n_sources": None},
 }
-#: ``--fast``: the contrastive terms from the second epoch on, a few crack images (10 for
-#: training: 49 healthy crops; 6 for testing: 54 crops) and sources.
+#: ``--fast``: a few crack images (10 for training: 49 healthy crops; 6 for testing: 54
+#: crops) and sources.
 _FAST: dict[str, Any] = {
-    "start_epoch": 1,
     "cracks": {"n_train_images": 10, "n_test_images": 6, "n_sources": 12},
     "synthetic": {"n_sources": 8},
     "mvtec": {"n_sources": 16},
@@ -95,11 +96,13 @@ def resolve_settings(args: ReproArgs, image_size: int | None = None) -> dict[str
             ``--image-size``).
 
     Returns:
-        ``image_size``, ``epochs``, ``batch_size``, ``fiber_batch``, ``start_epoch``,
-        ``data`` (per data set sizes) and ``fast``.
+        ``image_size``, ``epochs``, ``batch_size``, ``fiber_batch``, ``start_epoch`` and
+        ``milestones`` (the paper's schedule scaled to ``epochs``:
+        :func:`adcore.train.contrastive.scaled_schedule`), ``data`` (per data set sizes) and
+        ``fast``.
 
     Raises:
-        ValueError: an unknown data set or loss, or too few epochs for the contrastive terms.
+        ValueError: an unknown data set or loss, or fewer than 2 epochs.
     """
     if args.dataset not in DATASETS:
         raise ValueError(f"contrastive CFlow-AD runs have no data set {args.dataset!r}; expected "
@@ -113,17 +116,16 @@ def resolve_settings(args: ReproArgs, image_size: int | None = None) -> dict[str
     preset = _FAST if fast else _STANDARD
     size = image_size or args.image_size or runner["image_size"]
     epochs = args.epochs if args.epochs is not None else runner["epochs"]
-    start = preset["start_epoch"]
-    if args.loss != "none" and epochs <= start:
-        raise ValueError(f"--epochs {epochs} leaves no epoch for the contrastive term, which "
-                         f"starts after {start} epoch(s) of L_NF alone (the paper: 8 of 200); "
-                         f"use more than {start} epochs")
+    if epochs < 2:
+        raise ValueError(f"--epochs {epochs}: a contrastive run needs at least 2 epochs (L_NF "
+                         "alone first, then the contrastive term; the paper: 8 of 200)")
+    schedule = scaled_schedule(int(epochs))
     data = dict(preset[args.dataset])
     if args.dataset == "synthetic":
         data.update(n_train=runner["n_train"], n_test=runner["n_test"])
     return {"image_size": int(size), "epochs": int(epochs), "batch_size": runner["batch_size"],
-            "fiber_batch": runner["fiber_batch"], "start_epoch": start, "data": data,
-            "fast": fast}
+            "fiber_batch": runner["fiber_batch"], "start_epoch": schedule["start_epoch"],
+            "milestones": schedule["milestones"], "data": data, "fast": fast}
 
 
 def _crack_data(args: ReproArgs, size: int, data: dict[str, Any]) -> tuple[Any, Any, Callable[[], list], dict]:
@@ -250,6 +252,7 @@ def prepare(args: ReproArgs, *, image_size: int | None = None,
     train_config = paper_train_config(epochs=settings["epochs"],
                                       batch_size=min(settings["batch_size"], len(train)),
                                       fiber_batch=settings["fiber_batch"], seed=args.seed,
+                                      milestones=settings["milestones"],
                                       stage_threads=args.stage_threads, **flow_loss)
     contrastive = make_contrastive(args.loss, flow_loss=train_config.flow_loss,
                                    fusion=args.fusion)
@@ -269,6 +272,7 @@ def prepare(args: ReproArgs, *, image_size: int | None = None,
         "masks": args.mask_rule,
         "contrastive": contrastive.to_dict() if contrastive is not None else None,
         "contrastive_start_epoch": start,
+        "milestones": list(settings["milestones"]),
         "augmentation": augmentation,
         "data": {**info, "image_size": size, "n_train": len(train), "n_test": len(test)},
         "backbone": backbone,
@@ -276,8 +280,8 @@ def prepare(args: ReproArgs, *, image_size: int | None = None,
         "fast": settings["fast"],
     }
     return {"train": train, "test": test, "augment": augment, "contrastive": contrastive,
-            "contrastive_start_epoch": start, "mask_rule": args.mask_rule, "image_size": size, "backbone": backbone,
-            "train_config": train_config, "config": config}
+            "contrastive_start_epoch": start, "mask_rule": args.mask_rule, "image_size": size,
+            "backbone": backbone, "train_config": train_config, "config": config}
 
 
 # --------------------------------------------------------------------------- Table 1
@@ -299,9 +303,22 @@ PAPER_TABLE1: dict[str, dict[str, tuple[float, float]]] = {
 }
 
 
-def result_name(dataset: str, target: str, loss: str, fast: bool) -> str:
-    """The file name of one contrastive run: ``cflow_<dataset>_<target>_<loss>[_fast].json``."""
-    return f"cflow_{dataset}_{target}_{loss}{'_fast' if fast else ''}.json"
+#: the default training variant of the contrastive runs: (flow loss, mask rule, fusion)
+DEFAULT_VARIANT: dict[str, str] = {"flow_loss": "logsigmoid", "masks": "binary", "fusion": "sum"}
+
+
+def result_name(dataset: str, target: str, loss: str, fast: bool, *, seed: int = 0,
+                epochs: int | None = None, variant: dict[str, str] | None = None) -> str:
+    """The file name of one contrastive run.
+
+    ``cflow_<dataset>_<target>_<loss>[_fast|_e<epochs>][_<variant>]_s<seed>.json``: ``_fast``
+    for ``--fast``, ``_e<N>`` for a run shorter than the paper's, and the values of the
+    variant that differ from :data:`DEFAULT_VARIANT` (e.g. ``_nll_area``).
+    """
+    schedule = "_fast" if fast else (f"_e{epochs}" if epochs is not None and epochs < 200 else "")
+    variant = {**DEFAULT_VARIANT, **(variant or {})}
+    differs = "".join(f"_{v}" for k, v in variant.items() if v != DEFAULT_VARIANT[k])
+    return f"cflow_{dataset}_{target}_{loss}{schedule}{differs}_s{seed}.json"
 
 
 def _column_of(result: dict[str, Any]) -> tuple[str | None, str | None]:
@@ -318,72 +335,137 @@ def _column_of(result: dict[str, Any]) -> tuple[str | None, str | None]:
     return None, None
 
 
-def results_table(results_dir: str | Path) -> list[dict[str, Any]]:
-    """The rows of the paper's Table 1 next to the runs measured in ``results_dir``.
+def variant_of(result: dict[str, Any]) -> dict[str, str]:
+    """(flow loss, mask rule, fusion) a contrastive result was trained with.
 
-    Measured cells come only from CFlow-AD result files (``cflow_*.json``) whose
-    configuration names the data set and loss; a cell without one is None ("not run"). Each
-    cell says how its run was trained (``schedule``): ``"paper"`` (the paper's data and
-    number of epochs), ``"reduced"`` (the paper's data, fewer epochs: ``--epochs``) or
-    ``"fast"`` (``--fast``). When several files fill a cell, a paper run beats a reduced one,
-    which beats a fast one; then more epochs win, then the most recent run. The paper's values
-    live in their own key and never fill a measured cell.
+    Files written before these were recorded trained with the per-fiber NLL and area-pooled
+    masks: they are read as that variant, never as the current default.
+    """
+    config = result.get("config", {})
+    setup = config.get("contrastive_setup") or {}
+    flow = setup.get("flow_loss") or (config.get("train") or {}).get("flow_loss") or "nll"
+    return {"flow_loss": flow, "masks": setup.get("masks", "area"),
+            "fusion": (setup.get("contrastive") or {}).get("fusion", "sum")}
+
+
+def results_table(results_dir: str | Path, variant: dict[str, str] | None = None,
+                  ) -> list[dict[str, Any]]:
+    """The rows of the paper's Table 1 next to the runs measured in ``results_dir``, over seeds.
+
+    Measured cells come only from CFlow-AD result files (``cflow_*.json``) of the training
+    ``variant`` (default :data:`DEFAULT_VARIANT`) whose configuration names the data set and
+    loss; a cell without one is None ("not run"). Each cell is one schedule (``schedule``):
+    ``"paper"`` (the paper's data and number of epochs), ``"reduced"`` (the paper's data,
+    fewer epochs: ``--epochs``) or ``"fast"`` (``--fast``). When several schedules were run,
+    the paper's beats a reduced one, which beats a fast one; then more epochs win. Within the
+    chosen schedule every seed counts (one file per seed; of two files of the same seed the
+    more recent). The paper's values live in their own key and never fill a measured cell.
 
     Args:
         results_dir: the folder of result files (``book/results``).
+        variant: the training variant to show (keys of :data:`DEFAULT_VARIANT`; missing keys
+            take the default).
 
     Returns:
         One dict per loss: ``loss``, ``paper`` (column -> (pixel AUROC, pixel AUPRO) in %),
-        ``measured`` (column -> None or a dict with ``pixel_auroc``, ``pixel_aupro`` in %,
-        ``data``, ``fast``, ``schedule``, ``epochs`` (None if the file does not say),
-        ``file`` and ``provenance``: device, date, git commit).
+        ``measured`` (column -> None or a dict with ``pixel_auroc``, ``pixel_aupro``,
+        ``image_auroc`` (mean over seeds, in %), ``std`` (metric -> sample std over seeds, None
+        below two), ``seeds``, ``n``, ``mean_image`` (the baseline's metrics in %, mean over the
+        seeds that stored it, or None), ``paired`` (metric -> mean and std of the difference
+        to L_None of the same seed and schedule, None for L_None or without pairs),
+        ``data``, ``fast``, ``schedule``, ``epochs``, ``files`` and ``provenance`` (one dict
+        per seed: seed, device, date, git commit)).
 
     Raises:
-        ValueError: a ``cflow_*.json`` file that is not a runner result (named).
+        ValueError: a ``cflow_*.json`` file that is not a runner result (named), or an
+            unknown variant key.
     """
-    import json
-
     from adcore.repro.cflow import STANDARD
+    from adcore.repro.common import read_result, seed_stats
 
+    wanted = {**DEFAULT_VARIANT, **(variant or {})}
+    if set(wanted) != set(DEFAULT_VARIANT):
+        raise ValueError(f"variant keys {sorted(set(wanted) - set(DEFAULT_VARIANT))}: expected "
+                         f"some of {sorted(DEFAULT_VARIANT)}")
     levels = {"fast": 0, "reduced": 1, "paper": 2}
-    best: dict[tuple[str, str], tuple[tuple, dict[str, Any]]] = {}
+    runs: dict[tuple, dict[int, tuple[str, dict[str, Any], str]]] = {}
     for path in sorted(Path(results_dir).glob("cflow_*.json")):
-        try:
-            result = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON: {err}") from err
-        if not isinstance(result, dict) or "metrics" not in result or "provenance" not in result:
-            raise ValueError(f"{path} is not a runner result (expected 'metrics' and "
-                             "'provenance')")
+        result = read_result(path)
         column, data = _column_of(result)
-        loss = result.get("config", {}).get("loss", "none")
-        if column is None or loss not in PAPER_TABLE1:
+        config = result.get("config", {})
+        loss = config.get("loss", "none")
+        if column is None or loss not in PAPER_TABLE1 or variant_of(result) != wanted:
             continue
-        provenance = result["provenance"]
-        fast = bool(result["config"].get("fast"))
-        epochs = (result["config"].get("train") or {}).get("epochs")
+        fast = bool(config.get("fast"))
+        epochs = (config.get("train") or {}).get("epochs")
         schedule = ("fast" if fast else
                     "paper" if epochs is not None and epochs >= STANDARD["epochs"] else "reduced")
-        cell = {"pixel_auroc": 100 * float(result["metrics"]["pixel_auroc"]),
-                "pixel_aupro": 100 * float(result["metrics"]["pixel_aupro"]),
-                "data": data, "fast": fast, "schedule": schedule, "epochs": epochs,
-                "file": path.name,
-                "provenance": {k: provenance.get(k) for k in ("device", "date", "git_commit")}}
-        rank = (levels[schedule], epochs or 0, str(provenance.get("date", "")))
+        seed = int(config.get("seed", 0))
+        date = str(result["provenance"].get("date", ""))
+        cell = runs.setdefault((loss, column, schedule, epochs or 0, data), {})
+        if seed not in cell or date > cell[seed][2]:
+            cell[seed] = (path.name, result, date)
+    best: dict[tuple[str, str], tuple] = {}
+    for (loss, column, schedule, epochs, data), seeds in runs.items():
+        rank = (levels[schedule], epochs)
         if (loss, column) not in best or rank > best[(loss, column)][0]:
-            best[(loss, column)] = (rank, cell)
-    return [{"loss": loss, "paper": dict(paper),
-             "measured": {column: best[(loss, column)][1] if (loss, column) in best else None
-                          for column in TABLE1_COLUMNS}}
-            for loss, paper in PAPER_TABLE1.items()]
+            best[(loss, column)] = (rank, schedule, epochs, data, seeds)
+
+    def percent(result: dict[str, Any], key: str, group: str | None = None) -> float | None:
+        values = result.get("variants", {}).get(group) if group else result["metrics"]
+        value = (values or {}).get(key)
+        return None if value is None else 100 * float(value)
+
+    metrics = ("pixel_auroc", "pixel_aupro", "image_auroc")
+    table = []
+    for loss, paper in PAPER_TABLE1.items():
+        measured: dict[str, Any] = {}
+        for column in TABLE1_COLUMNS:
+            if (loss, column) not in best:
+                measured[column] = None
+                continue
+            _, schedule, epochs, data, seeds = best[(loss, column)]
+            order = sorted(seeds)
+            results = [seeds[s][1] for s in order]
+            cell: dict[str, Any] = {"data": data, "fast": schedule == "fast",
+                                    "schedule": schedule, "epochs": epochs or None,
+                                    "seeds": order, "n": len(order),
+                                    "files": [seeds[s][0] for s in order]}
+            cell["std"] = {}
+            for key in metrics:
+                stats = seed_stats([percent(r, key) for r in results])
+                cell[key], cell["std"][key] = stats["mean"], stats["std"]
+            baseline = {key: seed_stats([percent(r, key, "mean_image") for r in results])["mean"]
+                        for key in metrics}
+            cell["mean_image"] = baseline if any(v is not None for v in baseline.values()) else None
+            none_cell = best.get(("none", column))
+            paired = None
+            if loss != "none" and none_cell is not None and none_cell[1:3] == (schedule, epochs):
+                reference = none_cell[4]
+                common = [s for s in order if s in reference]
+                if common:
+                    paired = {}
+                    for key in metrics:
+                        differences = [percent(seeds[s][1], key) - percent(reference[s][1], key)
+                                       for s in common]
+                        stats = seed_stats(differences)
+                        paired[key] = {"mean": stats["mean"], "std": stats["std"], "n": stats["n"]}
+            cell["paired"] = paired
+            cell["provenance"] = [
+                {"seed": s, **{k: seeds[s][1]["provenance"].get(k)
+                               for k in ("device", "date", "git_commit")}} for s in order]
+            measured[column] = cell
+        table.append({"loss": loss, "paper": dict(paper), "measured": measured})
+    return table
 
 
 def run_table1(results_dir: str | Path, root: str | Path | None = None,
-               device: str | None = None, fast: bool = False) -> list[Path]:
+               device: str | None = None, fast: bool = False,
+               seeds: tuple[int, ...] = (0, 1, 2), epochs: int | None = None) -> list[Path]:
     """Run the five losses of Table 1 on the crack data (and MVTec AD tile) when present.
 
-    Writes ``cflow_<dataset>_<target>_<loss>[_fast].json`` per run; prints a skip message for
-    each column whose data is absent (RDG and Lingo are private).
+    Writes one :func:`result_name` file per loss and seed; prints a skip message for each
+    column whose data is absent (RDG and Lingo are private).
 
     Args:
         results_dir: where to write (``book/results``).
@@ -391,6 +473,8 @@ def run_table1(results_dir: str | Path, root: str | Path | None = None,
             :func:`adcore.data.cracks.crack_root`.
         device: ``cpu``, ``cuda`` ... (default: automatic).
         fast: ``--fast`` runs.
+        seeds: the seeds of every cell.
+        epochs: ``--epochs`` (None: the paper's 200, or the fast preset).
 
     Returns:
         The files written.
@@ -415,13 +499,16 @@ def run_table1(results_dir: str | Path, root: str | Path | None = None,
         print(f"skip: {name} is private (the paper's own bridge data)")
     written = []
     for dataset, target, data in runs:
-        for loss in LOSSES:
-            out = results_dir / result_name(dataset, target, loss, fast)
-            if out.exists():  # a measured result is never replaced without being asked
-                print(f"keep: {out} exists (delete it to measure again)")
-                continue
-            args = ReproArgs(method="cflow", dataset=dataset, out=out, root=data,
-                             category=target, device=device, loss=loss, fast=fast)
-            written.append(run_method(args))
-            print(f"wrote {out}")
+        for seed in seeds:
+            for loss in LOSSES:
+                out = results_dir / result_name(dataset, target, loss, fast, seed=seed,
+                                                epochs=epochs)
+                if out.exists():  # a measured result is never replaced without being asked
+                    print(f"keep: {out} exists (delete it to measure again)")
+                    continue
+                args = ReproArgs(method="cflow", dataset=dataset, out=out, root=data,
+                                 category=target, device=device, loss=loss, fast=fast,
+                                 seed=seed, epochs=epochs)
+                written.append(run_method(args))
+                print(f"wrote {out}")
     return written

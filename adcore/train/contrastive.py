@@ -81,6 +81,7 @@ __all__ = [
     "SyntheticAnomalyAugment",
     "make_contrastive",
     "paper_train_config",
+    "scaled_schedule",
     "train_contrastive",
 ]
 
@@ -114,6 +115,38 @@ def paper_train_config(**overrides: object) -> CFlowTrainConfig:
                                    "flow_loss": "logsigmoid"}
     settings.update(overrides)
     return CFlowTrainConfig(**settings)  # type: ignore[arg-type]
+
+
+#: the paper's number of epochs (Sec. 3.2), the reference of :func:`scaled_schedule`
+PAPER_EPOCHS = 200
+PAPER_MILESTONES = (50, 75, 90)
+
+
+def scaled_schedule(epochs: int) -> dict[str, object]:
+    """The paper's schedule compressed to ``epochs``: milestones and start at the same fractions.
+
+    The paper divides the rate by 10 after 25 %, 37.5 % and 45 % of its 200 epochs and starts
+    the contrastive terms after 4 % (8 epochs). A shorter run that kept the epochs themselves
+    would never reach a milestone; this keeps the fractions: each milestone becomes
+    ``round(m * epochs / 200)`` (at least 1) and the start ``max(1, round(8 * epochs / 200))``,
+    so a 16-epoch run divides the rate after epochs 4, 6 and 7 and adds the terms from
+    epoch 1 on. At 200 epochs it is the paper's schedule.
+
+    Args:
+        epochs: the run's number of epochs (>= 2).
+
+    Returns:
+        ``{"milestones": (m1, m2, m3), "start_epoch": s, "scale": epochs / 200}``.
+
+    Raises:
+        ValueError: fewer than 2 epochs (no epoch would be left for the terms).
+    """
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 2:
+        raise ValueError(f"epochs={epochs!r}: expected an int >= 2 (one epoch of L_NF alone, "
+                         "then the contrastive terms)")
+    scale = epochs / PAPER_EPOCHS
+    return {"milestones": tuple(max(1, round(m * scale)) for m in PAPER_MILESTONES),
+            "start_epoch": max(1, round(CONTRASTIVE_START_EPOCH * scale)), "scale": scale}
 
 
 # --------------------------------------------------------------------------- the objective
