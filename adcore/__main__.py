@@ -43,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="cflow on the CPU: feature stages trained at once, one thread each "
                             "(same steps; best with as many free cores)")
     repro.add_argument("--force", action="store_true", help="replace an existing --out file")
+    # (an interrupted run resumes from <out>.ckpt when the same command is run again)
     repro.add_argument("--out", type=Path, required=True, help="result file (.json)")
 
     tables = sub.add_parser("tables", help="run a paper's tables for the data that is present")
@@ -54,13 +55,30 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: failures a user can meet and fix: one line on stderr and exit status 2, no traceback
+_EXPECTED = (ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError,
+             IsADirectoryError, FloatingPointError)
+
+
+def _expected(err: BaseException) -> bool:
+    """True for a failure with a message meant for the user (bad input, missing data ...)."""
+    if isinstance(err, _EXPECTED):
+        return True
+    from adcore.features import BackboneWeightsUnavailableError  # only now: it imports timm
+
+    return isinstance(err, BackboneWeightsUnavailableError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m adcore`` and of the ``adcore`` script."""
+    """Entry point of ``python -m adcore`` and of the ``adcore`` script.
+
+    Returns 0 on success and 2 on an expected failure (bad flag, missing data, a checkpoint
+    of another run ...: one line on stderr naming what, where and what was expected);
+    anything else is a bug and keeps its traceback. Ctrl-C returns 130 and says how to resume.
+    """
     args = _parser().parse_args(argv)
     try:
         if args.command == "repro":
-            if args.out.suffix != ".json":
-                raise ValueError(f"--out {args.out}: expected a .json file name")
             fields = {k: v for k, v in vars(args).items() if k != "command"}
             out = run_method(ReproArgs(**fields))
             print(f"wrote {out}")
@@ -68,8 +86,15 @@ def main(argv: list[str] | None = None) -> int:
             module = importlib.import_module(METHODS[args.name])
             written = module.run_tables(args.results_dir, args.root, args.device, args.fast)
             print(f"wrote {len(written)} result file(s) into {args.results_dir}")
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted; training checkpoints after every epoch: run the same command again "
+              "to resume", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if not _expected(err):
+            raise
+        message = " ".join(str(err).split())  # one line, whatever the message's layout
+        print(f"error: {message}", file=sys.stderr)
         return 2
     return 0
 
