@@ -360,8 +360,17 @@ def write_result(out: str | os.PathLike, *, metrics: dict[str, float | None],
     if variants:
         result["variants"] = {k: plain(v) for k, v in variants.items()}
     out = Path(out)
-    with atomic_path(out, overwrite=force) as tmp:
-        tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    checkpoint = checkpoint_file(out)
+    kept = (f"; the run's checkpoint {checkpoint} is kept, so rerunning with --force replaces "
+            "it without training again" if checkpoint.exists() else "")
+    try:
+        if out.exists() and not force:
+            raise FileExistsError(f"{out} exists (another writer created it after this run "
+                                  "started?); it was kept, this result was not written")
+        with atomic_path(out, overwrite=force) as tmp:
+            tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    except FileExistsError as err:
+        raise FileExistsError(f"{err}{kept}") from None
     return out
 
 
