@@ -10,15 +10,23 @@ import argparse
 import importlib
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from adcore.repro.common import DATASETS, METHODS, ReproArgs, run_method
 
 LOSSES = ("none", "boundary", "cl", "likelihood", "fusion")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the package's error style: one line on stderr, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m adcore",
-                                     description="adcore: reproduction runs of the book.")
+    parser = _Parser(prog="python -m adcore",
+                     description="adcore: reproduction runs of the book.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     repro = sub.add_parser("repro", help="train and evaluate one method on one data set",

@@ -145,7 +145,7 @@ def test_another_writer_of_the_same_out_is_never_replaced(
 
 @pytest.mark.parametrize("content", ["truncated", "foreign", "pickled"])
 def test_broken_checkpoint_beside_out_is_named(tmp_path: Path, capsys: pytest.CaptureFixture,
-                                               content: str) -> None:
+                                               _private_data_root: Path, content: str) -> None:
     out = tmp_path / "r.json"
     ckpt = tmp_path / "r.json.ckpt"
     if content == "truncated":
@@ -159,3 +159,19 @@ def test_broken_checkpoint_beside_out_is_named(tmp_path: Path, capsys: pytest.Ca
     line = _error_line(capsys)
     assert str(ckpt) in line and ("cannot be read" in line or "not an adcore checkpoint" in line)
     assert "KeyError" not in line and ckpt.read_bytes() == before and not out.exists()
+    assert list(_private_data_root.iterdir()) == []  # found before any data was generated
+
+
+@pytest.mark.parametrize("argv", [
+    ["repro", "vqvae", "--dataset", "synthetic", "--epochs", "abc", "--out", "r.json"],
+    ["repro", "vqvae", "--dataset", "imagenet", "--out", "r.json"],
+    ["repro", "vqvae", "--dataset", "synthetic"],
+    ["repro", "vqvae", "--dataset", "synthetic", "--out", "r.json", "--frobnicate"],
+    ["repro", "gan", "--dataset", "synthetic", "--out", "r.json"],
+], ids=["non-integer", "unknown-dataset", "no-out", "unknown-flag", "unknown-method"])
+def test_argument_errors_are_one_line_too(capsys: pytest.CaptureFixture, argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    line = _error_line(capsys)
+    assert "--help" in line

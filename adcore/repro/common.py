@@ -385,11 +385,18 @@ def run_method(args: ReproArgs) -> Path:
     """
     validate_args(args)
     check_out(args.out, args.force)
+    checkpoint = checkpoint_file(args.out)
+    if checkpoint.exists():
+        # a broken file is reported now, not after the data is generated; whether it belongs
+        # to this run is checked once the run's settings are resolved
+        from adcore.train.loop import load_checkpoint
+
+        load_checkpoint(checkpoint, restore_rng=False)
     module = importlib.import_module(METHODS[args.method])
     result = module.run(args)
     out = write_result(args.out, metrics=result["metrics"], config=result["config"],
                        device=result["device"], train_seconds=result["train_seconds"],
                        eval_seconds=result["eval_seconds"], variants=result.get("variants"),
                        force=args.force, resumed_from_epoch=result.get("resumed_from_epoch"))
-    checkpoint_file(args.out).unlink(missing_ok=True)  # the run is complete: nothing to resume
+    checkpoint.unlink(missing_ok=True)  # the run is complete: nothing to resume
     return out

@@ -420,9 +420,9 @@ def _resume(checkpoint: str | os.PathLike, model: CFlowModel, trainer: FiberTrai
     trainer.steps = [int(n) for n in extra["steps"]]
     history["loss"], history["lr"] = list(extra["loss"]), list(extra["lr"])
     if epoch == config.epochs:
-        print(f"training already finished at epoch {epoch} (checkpoint {checkpoint})")
+        print(f"training already finished at epoch {epoch} (checkpoint {Path(checkpoint).name})")
     else:
-        print(f"resuming from epoch {epoch} of {config.epochs} from {checkpoint}")
+        print(f"resuming from epoch {epoch} of {config.epochs} from {Path(checkpoint).name}")
     return epoch, int(extra["images_seen"]), float(extra.get("train_seconds", 0.0))
 
 

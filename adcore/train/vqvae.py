@@ -438,10 +438,10 @@ def train_vqvae(model: VQVAE, images: torch.Tensor, config: VQVAETrainConfig | N
         earlier_seconds = float(state["extra"].get("train_seconds", 0.0))
         history.resumed_from_step = start
         if start == stop:
-            print(f"training already finished at step {stop} (checkpoint {checkpoint})")
+            print(f"training already finished at step {stop} (checkpoint {Path(checkpoint).name})")
         else:
             print(f"resuming from epoch {start // steps_per_epoch} (step {start} of {stop}) "
-                  f"from {checkpoint}")
+                  f"from {Path(checkpoint).name}")
     step_fn = TrainStep(model, optimizer, device, config,
                     (config.batch_size, *data.shape[1:]))
     if pending_sums is not None:
