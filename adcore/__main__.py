@@ -32,7 +32,11 @@ def _parser() -> argparse.ArgumentParser:
     repro = sub.add_parser("repro", help="train and evaluate one method on one data set",
                            description="Train METHOD on DATASET, evaluate image AUROC, pixel AUROC "
                                        "(both conventions) and pixel AUPRO, and write a JSON result "
-                                       "file with the configuration and provenance.")
+                                       "file with the configuration and provenance. "
+                                       "Training checkpoints after every epoch to OUT.ckpt: "
+                                       "the same command run again resumes from it (another "
+                                       "command refuses it, naming what differs); it is "
+                                       "removed once OUT is written.")
     repro.add_argument("method", choices=sorted(METHODS), help="the method to reproduce")
     repro.add_argument("--dataset", required=True, choices=DATASETS,
                        help="synthetic needs no data; the others are read from --root")
@@ -51,7 +55,6 @@ def _parser() -> argparse.ArgumentParser:
                        help="cflow on the CPU: feature stages trained at once, one thread each "
                             "(same steps; best with as many free cores)")
     repro.add_argument("--force", action="store_true", help="replace an existing --out file")
-    # (an interrupted run resumes from <out>.ckpt when the same command is run again)
     repro.add_argument("--out", type=Path, required=True, help="result file (.json)")
 
     tables = sub.add_parser("tables", help="run a paper's tables for the data that is present")

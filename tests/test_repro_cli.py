@@ -175,3 +175,9 @@ def test_argument_errors_are_one_line_too(capsys: pytest.CaptureFixture, argv: l
     assert exit_info.value.code == 2
     line = _error_line(capsys)
     assert "--help" in line
+
+
+def test_a_folder_where_the_checkpoint_goes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "r.json.ckpt").mkdir()
+    assert main(_repro("vqvae", tmp_path / "r.json")) == 2
+    assert "r.json.ckpt is in the way of the run's checkpoint" in _error_line(capsys)

@@ -5,6 +5,14 @@ The result file is the public contract of GUIDE §3: a JSON object with ``metric
 ``provenance`` (``version``, ``git_commit``, ``device``, ``torch``, ``date``, ``train_seconds``,
 ``eval_seconds``), plus ``variants`` when one trained model is evaluated several ways.
 Tables in the book are built from these files only.
+
+A run is checked before any work (:func:`validate_args`: every flag's value, flags the
+method ignores, the device; :func:`check_out`: the result file can be written and is not
+taken). Training checkpoints after every epoch to ``<out>.ckpt`` (:func:`checkpoint_file`),
+which holds the run's full configuration (:func:`run_identity` plus the model and schedule):
+the same command run again resumes from it, another run never uses it, and it is removed
+once the result file is written. The result file is published without replacing a file
+another writer created meanwhile.
 """
 
 from __future__ import annotations
@@ -386,6 +394,9 @@ def run_method(args: ReproArgs) -> Path:
     validate_args(args)
     check_out(args.out, args.force)
     checkpoint = checkpoint_file(args.out)
+    if checkpoint.exists() and not checkpoint.is_file():
+        raise ValueError(f"{checkpoint} is in the way of the run's checkpoint (it is not a "
+                         "file); move it or choose another --out")
     if checkpoint.exists():
         # a broken file is reported now, not after the data is generated; whether it belongs
         # to this run is checked once the run's settings are resolved

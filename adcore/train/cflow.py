@@ -19,6 +19,10 @@ it over epochs, checks the losses for NaN every few image batches (they stay on 
 between), and evaluates. ``benchmarks/cflow.py`` measures the step against a FrEIA loop
 written like the reference code.
 
+With ``checkpoint=``, :func:`train_cflow` saves after every epoch everything the loop depends
+on (flows, Adam, history and every random generator it draws from) and resumes from it
+bit-identically on the CPU; the runner (``python -m adcore repro cflow``) uses this.
+
 Chapter 6 (``book/06_flows``) explains the training; chapter 8 adds the contrastive terms
 through the ``contrastive`` hook of :meth:`FiberTrainer.train_batch`.
 """
