@@ -10,6 +10,7 @@ import argparse
 import importlib
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from adcore.losses import FLOW_LOSS_KINDS, MASK_RULES
 from adcore.repro.common import DATASETS, METHODS, ReproArgs, run_method
@@ -18,15 +19,26 @@ from adcore.train.contrastive import FUSION_WEIGHTS
 LOSSES = ("none", "boundary", "cl", "likelihood", "fusion")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the package's error style: one line on stderr, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m adcore",
-                                     description="adcore: reproduction runs of the book.")
+    parser = _Parser(prog="python -m adcore",
+                     description="adcore: reproduction runs of the book.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     repro = sub.add_parser("repro", help="train and evaluate one method on one data set",
                            description="Train METHOD on DATASET, evaluate image AUROC, pixel AUROC "
                                        "(both conventions) and pixel AUPRO, and write a JSON result "
-                                       "file with the configuration and provenance.")
+                                       "file with the configuration and provenance. "
+                                       "Training checkpoints after every epoch to OUT.ckpt: "
+                                       "the same command run again resumes from it (another "
+                                       "command refuses it, naming what differs); it is "
+                                       "removed once OUT is written.")
     repro.add_argument("method", choices=sorted(METHODS), help="the method to reproduce")
     repro.add_argument("--dataset", required=True, choices=DATASETS,
                        help="synthetic needs no data; the others are read from --root")
@@ -71,13 +83,30 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: failures a user can meet and fix: one line on stderr and exit status 2, no traceback
+_EXPECTED = (ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError,
+             IsADirectoryError, FloatingPointError)
+
+
+def _expected(err: BaseException) -> bool:
+    """True for a failure with a message meant for the user (bad input, missing data ...)."""
+    if isinstance(err, _EXPECTED):
+        return True
+    from adcore.features import BackboneWeightsUnavailableError  # only now: it imports timm
+
+    return isinstance(err, BackboneWeightsUnavailableError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m adcore`` and of the ``adcore`` script."""
+    """Entry point of ``python -m adcore`` and of the ``adcore`` script.
+
+    Returns 0 on success and 2 on an expected failure (bad flag, missing data, a checkpoint
+    of another run ...: one line on stderr naming what, where and what was expected);
+    anything else is a bug and keeps its traceback. Ctrl-C returns 130 and says how to resume.
+    """
     args = _parser().parse_args(argv)
     try:
         if args.command == "repro":
-            if args.out.suffix != ".json":
-                raise ValueError(f"--out {args.out}: expected a .json file name")
             fields = {k: v for k, v in vars(args).items() if k != "command"}
             out = run_method(ReproArgs(**fields))
             print(f"wrote {out}")
@@ -88,8 +117,15 @@ def main(argv: list[str] | None = None) -> int:
             written = module.run_tables(args.results_dir, args.root, args.device, args.fast,
                                         seeds=tuple(args.seeds), **extra)
             print(f"wrote {len(written)} result file(s) into {args.results_dir}")
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted; training checkpoints after every epoch: run the same command again "
+              "to resume", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if not _expected(err):
+            raise
+        message = " ".join(str(err).split())  # one line, whatever the message's layout
+        print(f"error: {message}", file=sys.stderr)
         return 2
     return 0
 

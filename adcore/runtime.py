@@ -12,8 +12,10 @@ environment at call time (never cached), so a notebook can change them between c
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import random
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,16 +68,20 @@ def seed_everything(seed: int) -> torch.Generator:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+    """Yield a temporary path beside ``path``; move it onto ``path`` only if the block succeeds.
 
-    A crash while writing never leaves a half-written file under the final name.
+    A crash while writing never leaves a half-written file under the final name. With
+    ``overwrite=False`` the file is published by a hard link (``os.link``), which fails if
+    ``path`` exists at that moment: a file another writer created while this one was being
+    written is never replaced (a check-then-rename would replace it).
 
     Args:
         path: the final file name.
-        overwrite: if False and ``path`` exists, raise instead of replacing it.
+        overwrite: if False and ``path`` exists (before or after the block), raise instead
+            of replacing it.
 
     Raises:
-        FileExistsError: ``overwrite`` is False and ``path`` already exists.
+        FileExistsError: ``overwrite`` is False and ``path`` exists.
     """
     final = Path(path)
     if not overwrite and final.exists():
@@ -86,10 +92,38 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Pat
     tmp = Path(tmp_name)
     try:
         yield tmp
-        os.replace(tmp, final)
+        if overwrite:
+            os.replace(tmp, final)
+        else:
+            _publish_no_clobber(tmp, final)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+#: errors of ``os.link`` meaning "this file system has no hard links", not "the name is taken"
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS}
+
+
+def _publish_no_clobber(tmp: Path, final: Path) -> None:
+    """Give ``tmp``'s content the name ``final`` unless that name exists; never replace it."""
+    try:
+        os.link(tmp, final)  # atomic, and fails with EEXIST if the name was taken meanwhile
+        return
+    except FileExistsError:
+        raise FileExistsError(f"{final} was created by another writer while this one was "
+                              "writing; it was kept, nothing was replaced") from None
+    except OSError as err:
+        if err.errno not in _NO_HARD_LINKS:
+            raise
+    # A file system without hard links (some network and FAT mounts): an exclusive create
+    # still never replaces another file, though a crash during the copy leaves a partial one.
+    try:
+        with open(final, "xb") as out, open(tmp, "rb") as src:
+            shutil.copyfileobj(src, out)
+    except FileExistsError:
+        raise FileExistsError(f"{final} was created by another writer while this one was "
+                              "writing; it was kept, nothing was replaced") from None
 
 
 def atomic_torch_save(obj: object, path: str | os.PathLike, overwrite: bool = True) -> Path:

@@ -67,7 +67,9 @@ def test_synthetic_run_writes_the_contract(tmp_path):
     assert config["data"]["n_test_images"] == 60
     prov = result["provenance"]
     assert {"version", "git_commit", "device", "torch", "date", "train_seconds", "eval_seconds"} <= set(prov)
-    assert (runner._checkpoint_path(args)).is_file()  # resumable
+    # the checkpoint lives beside --out while the run is unfinished, and goes with success
+    assert runner._checkpoint_path(args) == tmp_path / "r.json.ckpt"
+    assert not runner._checkpoint_path(args).exists()
     with pytest.raises(FileExistsError, match="--force"):
         run_method(args)
 

@@ -99,3 +99,71 @@ def test_checkpoint_from_another_configuration_names_fields(tmp_path: Path) -> N
     save_checkpoint(tmp_path / "ck.pt", model=model)
     with pytest.raises(FileExistsError):
         save_checkpoint(tmp_path / "ck.pt", model=model, overwrite=False)
+
+
+def test_no_clobber_write_never_replaces_a_file_created_meanwhile(tmp_path: Path) -> None:
+    target = tmp_path / "result.json"
+    with pytest.raises(FileExistsError, match="created by another writer"), \
+            atomic_path(target, overwrite=False) as tmp:
+        tmp.write_text("mine")
+        target.write_text("theirs")  # another process publishes first
+    assert target.read_text() == "theirs"
+    assert list(tmp_path.iterdir()) == [target], "no temporary file is left behind"
+    fresh = tmp_path / "fresh.json"
+    with atomic_path(fresh, overwrite=False) as tmp:
+        tmp.write_text("mine")
+    assert fresh.read_text() == "mine" and sorted(tmp_path.iterdir()) == [fresh, target]
+
+
+def test_no_clobber_write_without_hard_links(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import os
+
+    def no_links(src, dst):  # a FAT or network mount
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    target = tmp_path / "result.json"
+    with atomic_path(target, overwrite=False) as tmp:
+        tmp.write_text("mine")
+    assert target.read_text() == "mine"
+    other = tmp_path / "other.json"
+    with pytest.raises(FileExistsError, match="another writer"), \
+            atomic_path(other, overwrite=False) as tmp:
+        tmp.write_text("mine")
+        other.write_text("theirs")
+    assert other.read_text() == "theirs"
+
+
+class _Forged:
+    """Pickled into a file, it would run code on load; weights_only refuses it."""
+
+    def __init__(self) -> None:
+        self.payload = "x"
+
+
+def test_unusable_checkpoints_are_refused_naming_the_file(tmp_path: Path) -> None:
+    from adcore.train.loop import CheckpointError
+
+    model = torch.nn.Linear(2, 2)
+    good = save_checkpoint(tmp_path / "good.pt", model=model, config={"width": 2})
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    text = tmp_path / "text.pt"
+    text.write_text("not a checkpoint\n")
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"format": 1, "obj": _Forged()}, pickled)
+    for path in (truncated, empty, text, pickled):
+        with pytest.raises(CheckpointError, match=f"{path.name} cannot be read as a torch checkpoint"):
+            load_checkpoint(path, model=model)
+    lacking = tmp_path / "lacking.pt"
+    torch.save({"format": 1, "model": model.state_dict()}, lacking)
+    with pytest.raises(CheckpointError, match=r"lacking.pt is an incomplete adcore checkpoint: "
+                                              r"it lacks \['step', 'epoch', 'config'"):
+        load_checkpoint(lacking, model=model, config={"width": 2})
+    with pytest.raises(CheckpointError, match="good.pt does not fit the model"):
+        load_checkpoint(good, model=torch.nn.Linear(3, 2), config={"width": 2})
+    assert issubclass(CheckpointMismatchError, CheckpointError)
+    assert issubclass(CheckpointError, ValueError)  # the command line reports it in one line

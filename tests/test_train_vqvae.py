@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from adcore.train.loop import CheckpointMismatchError, NonFiniteLossError
+from adcore.train.loop import CheckpointError, CheckpointMismatchError, NonFiniteLossError
 from adcore.train.vqvae import (
     TrainHistory,
     VQVAETrainConfig,
@@ -62,6 +62,47 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert full.loss == pytest.approx(history.loss)
 
 
+def test_resume_between_checks_records_the_same_history(tmp_path, capsys, monkeypatch):
+    """Killed after the checkpoint of step 3, checks every 2 steps: the loss sums pending since
+    the check at step 2 travel in the file, so the resumed history is the uninterrupted one."""
+    import adcore.train.vqvae as module
+
+    config = VQVAETrainConfig(**{**CONFIG.to_dict(), "checkpoint_every": 3})
+    images = _images()
+    history = train_vqvae(_model(), images, config, device="cpu")
+    ckpt = tmp_path / "vqvae.pt"
+    real = module.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        real(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_vqvae(_model(), images, config, device="cpu", checkpoint=ckpt)
+    monkeypatch.undo()
+    full = train_vqvae(_model(seed=9), images, config, device="cpu", checkpoint=ckpt)
+    assert "resuming from epoch 1 (step 3 of 9)" in capsys.readouterr().out
+    assert full.steps == history.steps and full.loss == history.loss
+    assert full.perplexity == history.perplexity and full.resumed_from_step == 3
+    assert full.total_seconds >= full.seconds
+
+
+def test_checkpoint_past_the_requested_stop_is_refused_and_kept(tmp_path):
+    ckpt = tmp_path / "vqvae.pt"
+    train_vqvae(_model(), _images(), CONFIG, device="cpu", checkpoint=ckpt)  # 9 steps
+    written = ckpt.read_bytes()
+    shorter = VQVAETrainConfig(**{**CONFIG.to_dict(), "epochs": 1})
+    with pytest.raises(CheckpointError, match="at step 9, past the requested stop at step 3"):
+        train_vqvae(_model(), _images(), shorter, device="cpu", checkpoint=ckpt)
+    with pytest.raises(CheckpointError, match="past the requested stop at step 5"):
+        train_vqvae(_model(), _images(), CONFIG, device="cpu", checkpoint=ckpt, max_steps=5)
+    assert ckpt.read_bytes() == written  # never rewritten backwards
+    # asking for the same stop again trains nothing and leaves the file as it is
+    again = train_vqvae(_model(), _images(), CONFIG, device="cpu", checkpoint=ckpt)
+    assert again.resumed_from_step == 9 and ckpt.read_bytes() == written
+
+
 def test_checkpoint_of_another_configuration_is_refused(tmp_path):
     ckpt = tmp_path / "vqvae.pt"
     train_vqvae(_model(), _images(), CONFIG, device="cpu", checkpoint=ckpt, max_steps=1)
@@ -70,6 +111,9 @@ def test_checkpoint_of_another_configuration_is_refused(tmp_path):
         train_vqvae(_model(), _images(), other, device="cpu", checkpoint=ckpt)
     with pytest.raises(CheckpointMismatchError, match="model.codebook_size"):
         train_vqvae(_model(codebook_size=8), _images(), CONFIG, device="cpu", checkpoint=ckpt)
+    with pytest.raises(CheckpointMismatchError, match="run.category: checkpoint has no such field, expected 'tile'"):
+        train_vqvae(_model(), _images(), CONFIG, device="cpu", checkpoint=ckpt,
+                    identity={"category": "tile"})
 
 
 def test_training_lowers_the_loss_and_records_history():

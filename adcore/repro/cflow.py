@@ -30,10 +30,12 @@ import torch
 from adcore.cflow import CFlowConfig, CFlowModel, anomaly_maps_from_log_likelihoods
 from adcore.repro.common import (
     ReproArgs,
+    checkpoint_file,
     evaluate,
     load_datasets,
     mean_image_metrics,
     resolve_device,
+    run_identity,
     run_method,
 )
 from adcore.runtime import fast_mode, seed_everything
@@ -151,7 +153,12 @@ def run(args: ReproArgs) -> dict[str, Any]:
                   "contrastive": contrastive_setup["contrastive"],
                   "contrastive_start_epoch": contrastive_setup["contrastive_start_epoch"],
                   "mask_rule": contrastive_setup["mask_rule"]}
-    history = train_cflow(model, train_ds, train_config, **kwargs)
+    # The checkpoint belongs to this run only: beside --out, keyed by everything that changes
+    # the result (train_cflow adds the model, schedule and objective); written every epoch.
+    identity = run_identity(args, device, category=getattr(test_ds, "category", args.category),
+                            n_train=len(train_ds), setup=(contrastive_setup or {}).get("config"))
+    history = train_cflow(model, train_ds, train_config, checkpoint=checkpoint_file(args.out),
+                          identity=identity, **kwargs)
 
     start = time.perf_counter()
     results = evaluate_images(model, test_ds, batch_size=train_config.batch_size)
@@ -184,7 +191,8 @@ def run(args: ReproArgs) -> dict[str, Any]:
     if contrastive_setup is not None:
         config["contrastive_setup"] = contrastive_setup["config"]
     return {"metrics": metrics, "config": config, "train_seconds": history["seconds"],
-            "eval_seconds": eval_seconds, "device": str(device), "variants": variants}
+            "eval_seconds": eval_seconds, "device": str(device), "variants": variants,
+            "resumed_from_epoch": history["resumed_from_epoch"]}
 
 
 def run_tables(results_dir: Path, root: Path | None, device: str | None,

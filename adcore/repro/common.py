@@ -5,6 +5,14 @@ The result file is the public contract of GUIDE §3: a JSON object with ``metric
 ``provenance`` (``version``, ``git_commit``, ``device``, ``torch``, ``date``, ``train_seconds``,
 ``eval_seconds``), plus ``variants`` when one trained model is evaluated several ways.
 Tables in the book are built from these files only.
+
+A run is checked before any work (:func:`validate_args`: every flag's value, flags the
+method ignores, the device; :func:`check_out`: the result file can be written and is not
+taken). Training checkpoints after every epoch to ``<out>.ckpt`` (:func:`checkpoint_file`),
+which holds the run's full configuration (:func:`run_identity` plus the model and schedule):
+the same command run again resumes from it, another run never uses it, and it is removed
+once the result file is written. The result file is published without replacing a file
+another writer created meanwhile.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import json
 import os
 import platform
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,17 +36,22 @@ from adcore.runtime import atomic_path, default_device
 
 __all__ = [
     "DATASETS",
+    "MAX_IMAGE_SIZE",
     "METHODS",
     "METRIC_KEYS",
     "ReproArgs",
+    "check_out",
+    "checkpoint_file",
     "evaluate",
     "load_datasets",
     "mean_image_metrics",
     "provenance",
     "read_result",
     "resolve_device",
+    "run_identity",
     "seed_stats",
     "run_method",
+    "validate_args",
     "write_result",
 ]
 
@@ -45,6 +59,10 @@ __all__ = [
 METHODS: dict[str, str] = {"vqvae": "adcore.repro.vqvae", "cflow": "adcore.repro.cflow"}
 DATASETS: tuple[str, ...] = ("synthetic", "mvtec", "ucsd-ped1", "cifar10", "cracks")
 METRIC_KEYS: tuple[str, ...] = ("image_auroc", "pixel_auroc", "pixel_auroc_per_image", "pixel_aupro")
+#: the largest ``--image-size``: four times the papers' 256, already 16 times their memory
+MAX_IMAGE_SIZE = 1024
+#: device types the runner trains on
+_DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 
 @dataclass
@@ -73,13 +91,137 @@ class ReproArgs:
 
 
 def resolve_device(args: ReproArgs) -> torch.device:
-    """``--device`` if given, else :func:`adcore.default_device` (``ADCORE_DEVICE`` or CUDA if present)."""
-    if args.device:
+    """``--device`` if given, else :func:`adcore.default_device` (``ADCORE_DEVICE`` or CUDA if present).
+
+    Raises:
+        ValueError: ``--device`` is not a torch device (``gpu``), is of a type the runner does
+            not train on, or names a device this machine does not have.
+    """
+    if not args.device:
+        return default_device()
+    try:
         device = torch.device(args.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
+    except (RuntimeError, ValueError) as err:
+        raise ValueError(f"--device {args.device}: not a torch device; expected cpu, cuda, "
+                         "cuda:N or mps") from err
+    if device.type not in _DEVICE_TYPES:
+        raise ValueError(f"--device {args.device}: the runner trains on cpu, cuda, cuda:N or "
+                         "mps")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
             raise ValueError(f"--device {args.device}: torch sees no CUDA device here")
-        return device
-    return default_device()
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {args.device}: this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s), numbered from 0")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {args.device}: torch sees no MPS device here")
+    return device
+
+
+def validate_args(args: ReproArgs) -> None:
+    """Check every flag before any work, so a bad value never costs a training run.
+
+    Raises:
+        ValueError: an unknown method or data set, a value out of range (the message names
+            the flag and what was expected), a flag the method ignores, a ``--root`` that is a
+            file, or a ``--device`` this machine lacks.
+    """
+    if args.method not in METHODS:
+        raise ValueError(f"unknown method {args.method!r}; expected one of {sorted(METHODS)}")
+    if args.dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {args.dataset!r}; expected one of {list(DATASETS)}")
+    for flag, value in (("--epochs", args.epochs), ("--image-size", args.image_size),
+                        ("--stage-threads", args.stage_threads)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):
+            raise ValueError(f"{flag} {value}: expected a positive integer")
+    if args.image_size is not None and args.image_size > MAX_IMAGE_SIZE:
+        gib = 3 * 4 * args.image_size ** 2 / 2**30
+        raise ValueError(
+            f"--image-size {args.image_size}: larger than the runner's limit of "
+            f"{MAX_IMAGE_SIZE} pixels; one {args.image_size}x{args.image_size} RGB image alone "
+            f"takes {gib:.2f} GiB as float32, and training holds batches of them with their "
+            f"activations, which would exhaust the memory (the papers use 256)")
+    if isinstance(args.seed, bool) or not isinstance(args.seed, int) or not 0 <= args.seed < 2**32:
+        raise ValueError(f"--seed {args.seed}: expected an integer from 0 to {2**32 - 1}")
+    if args.method == "vqvae":
+        # flags of the CFlow-AD runs: accepting them here would let a reader believe they acted
+        ignored = {"--loss": args.loss if args.loss not in (None, "none") else None,
+                   "--backbone": args.backbone,
+                   "--stage-threads": args.stage_threads if args.stage_threads != 1 else None}
+        for flag, value in ignored.items():
+            if value is not None:
+                raise ValueError(f"{flag} {value}: the vqvae method has no such setting (it is "
+                                 "for cflow); leave the flag out")
+    if args.root is not None:
+        root = Path(args.root)
+        if root.exists() and not root.is_dir():
+            raise ValueError(f"--root {root} is a file; expected the folder that holds the data")
+    resolve_device(args)
+
+
+def check_out(out: str | os.PathLike, force: bool = False) -> Path:
+    """Check, before any work, that the result file can be written; returns its path.
+
+    Creates the missing folders of ``out`` and writes (then removes) a probe file beside it,
+    so an unwritable folder is found now rather than after training.
+
+    Raises:
+        ValueError: ``out`` is not a ``.json`` name, is a folder, or lies under a regular file.
+        FileExistsError: ``out`` exists and ``force`` is False.
+        PermissionError: its folder cannot be created or written.
+    """
+    out = Path(out)
+    if out.suffix != ".json":
+        raise ValueError(f"--out {out}: expected a .json file name")
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; expected a .json file name")
+    if (out.exists() or out.is_symlink()) and not force:
+        raise FileExistsError(f"--out {out} exists; pass --force to replace it")
+    for parent in out.parents:
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                raise ValueError(f"--out {out}: {parent} is a file, not a folder; expected the "
+                                 "result file in a folder")
+            break
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".probe", dir=out.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise PermissionError(f"--out {out}: cannot write in {out.parent} "
+                              f"({err.strerror or err}); choose a writable folder") from err
+    return out
+
+
+def checkpoint_file(out: str | os.PathLike) -> Path:
+    """The checkpoint of the run writing ``out``: ``<out>.ckpt`` beside it (removed on success)."""
+    out = Path(out)
+    return out.with_name(out.name + ".ckpt")
+
+
+def run_identity(args: ReproArgs, device: torch.device, **settings: Any) -> dict[str, Any]:
+    """What makes a checkpoint belong to one run, besides the model and training settings.
+
+    Method, data set, data location (``--root`` resolved, else the default root), seed, fast
+    mode, loss, backbone and the device type (CPU and CUDA steps differ in the last bits),
+    plus ``settings`` (category, epochs, data sizes ... as the method resolved them).
+    """
+    if args.root is not None:
+        root = str(Path(args.root).resolve())
+    elif args.dataset == "cracks":
+        from adcore.data.cracks import crack_root
+
+        found = crack_root()
+        root = str(found.resolve()) if found is not None else None
+    else:
+        from adcore.data.root import data_root
+
+        root = str(Path(data_root()).resolve())
+    return {"method": args.method, "dataset": args.dataset, "root": root, "seed": args.seed,
+            "fast": bool(args.fast or os.environ.get("ADCORE_FAST") == "1"), "loss": args.loss,
+            "backbone": args.backbone, "device": torch.device(device).type, **settings}
 
 
 def load_datasets(args: ReproArgs, image_size: int, channels: int = 3, *,
@@ -249,13 +391,17 @@ def provenance(device: str | torch.device, train_seconds: float, eval_seconds: f
 def write_result(out: str | os.PathLike, *, metrics: dict[str, float | None],
                  config: dict[str, Any], device: str | torch.device, train_seconds: float,
                  eval_seconds: float, variants: dict[str, dict[str, float | None]] | None = None,
-                 force: bool = False) -> Path:
+                 force: bool = False, resumed_from_epoch: int | None = None) -> Path:
     """Write the result JSON atomically; refuse to replace an existing file unless ``force``.
+
+    Without ``force`` the file is published by a hard link, so a file another writer created
+    meanwhile is kept, never replaced. ``resumed_from_epoch`` (a run resumed from its
+    checkpoint; its times cover every part) is recorded in the provenance when not 0/None.
 
     Raises:
         ValueError: a metric of the contract is missing, or neither None (not applicable to the
             data set, written as JSON null) nor a finite number.
-        FileExistsError: ``out`` exists and ``force`` is False.
+        FileExistsError: ``out`` exists (or appears while writing) and ``force`` is False.
     """
     groups = {"metrics": metrics, **{f"variants[{k}]": v for k, v in (variants or {}).items()}}
     for name, values in groups.items():
@@ -275,11 +421,22 @@ def write_result(out: str | os.PathLike, *, metrics: dict[str, float | None],
         "config": config,
         "provenance": provenance(device, train_seconds, eval_seconds),
     }
+    if resumed_from_epoch:
+        result["provenance"]["resumed_from_epoch"] = int(resumed_from_epoch)
     if variants:
         result["variants"] = {k: plain(v) for k, v in variants.items()}
     out = Path(out)
-    with atomic_path(out, overwrite=force) as tmp:
-        tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    checkpoint = checkpoint_file(out)
+    kept = (f"; the run's checkpoint {checkpoint} is kept, so rerunning with --force replaces "
+            "it without training again" if checkpoint.exists() else "")
+    try:
+        if out.exists() and not force:
+            raise FileExistsError(f"{out} exists (another writer created it after this run "
+                                  "started?); it was kept, this result was not written")
+        with atomic_path(out, overwrite=force) as tmp:
+            tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    except FileExistsError as err:
+        raise FileExistsError(f"{err}{kept}") from None
     return out
 
 
@@ -311,16 +468,31 @@ def seed_stats(values: list[float]) -> dict[str, Any]:
 
 
 def run_method(args: ReproArgs) -> Path:
-    """Run ``args.method`` and write its result file; returns the file's path."""
-    if args.method not in METHODS:
-        raise ValueError(f"unknown method {args.method!r}; expected one of {sorted(METHODS)}")
-    if args.dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {args.dataset!r}; expected one of {list(DATASETS)}")
-    if Path(args.out).exists() and not args.force:
-        raise FileExistsError(f"{args.out} exists; pass --force to replace it")
+    """Run ``args.method`` and write its result file; returns the file's path.
+
+    Every flag and ``--out`` are checked first (:func:`validate_args`, :func:`check_out`).
+    Training checkpoints to :func:`checkpoint_file` after every epoch; a rerun of the same
+    command resumes from it, and it is removed once the result file is written. The result
+    is published without replacing a file another writer created meanwhile (unless
+    ``--force``).
+    """
+    validate_args(args)
+    check_out(args.out, args.force)
+    checkpoint = checkpoint_file(args.out)
+    if checkpoint.exists() and not checkpoint.is_file():
+        raise ValueError(f"{checkpoint} is in the way of the run's checkpoint (it is not a "
+                         "file); move it or choose another --out")
+    if checkpoint.exists():
+        # a broken file is reported now, not after the data is generated; whether it belongs
+        # to this run is checked once the run's settings are resolved
+        from adcore.train.loop import load_checkpoint
+
+        load_checkpoint(checkpoint, restore_rng=False)
     module = importlib.import_module(METHODS[args.method])
     result = module.run(args)
-    return write_result(args.out, metrics=result["metrics"], config=result["config"],
-                        device=result["device"], train_seconds=result["train_seconds"],
-                        eval_seconds=result["eval_seconds"], variants=result.get("variants"),
-                        force=args.force)
+    out = write_result(args.out, metrics=result["metrics"], config=result["config"],
+                       device=result["device"], train_seconds=result["train_seconds"],
+                       eval_seconds=result["eval_seconds"], variants=result.get("variants"),
+                       force=args.force, resumed_from_epoch=result.get("resumed_from_epoch"))
+    checkpoint.unlink(missing_ok=True)  # the run is complete: nothing to resume
+    return out

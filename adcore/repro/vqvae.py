@@ -36,10 +36,12 @@ from adcore.maps import MAP_VARIANTS, MapConfig, image_scores, vqvae_anomaly_map
 from adcore.repro.common import (
     METRIC_KEYS,
     ReproArgs,
+    checkpoint_file,
     evaluate,
     load_datasets,
     mean_image_metrics,
     resolve_device,
+    run_identity,
     run_method,
 )
 from adcore.runtime import fast_mode, seed_everything
@@ -173,9 +175,8 @@ def _datasets(args: ReproArgs, settings: dict[str, Any]) -> tuple[Any, Any]:
 
 
 def _checkpoint_path(args: ReproArgs) -> Path:
-    from adcore.data.root import data_root
-
-    return data_root() / "checkpoints" / f"{Path(args.out).stem}.ckpt"
+    """The run's checkpoint, beside ``--out`` (so two result files never share one)."""
+    return checkpoint_file(args.out)
 
 
 @torch.no_grad()
@@ -247,14 +248,18 @@ def run(args: ReproArgs) -> dict[str, Any]:
     if device.type != "cuda" and train_config.compile:
         # torch.compile pays off on the GPU (benchmarks/vqvae.py); on a CPU it costs minutes.
         train_config = replace(train_config, compile=False)
+    if train_config.checkpoint_every is None:  # at least once an epoch, so a rerun resumes
+        train_config = replace(train_config, checkpoint_every=per_epoch // train_config.batch_size)
     settings["train"] = train_config
     model = VQVAE(settings["model"])
-    checkpoint = _checkpoint_path(args)
-    if args.force and checkpoint.exists():
-        checkpoint.unlink()  # --force means a fresh training run
-    began = time.perf_counter()
-    history = train_vqvae(model, images, train_config, device=device, checkpoint=checkpoint)
-    train_seconds = time.perf_counter() - began
+    # The checkpoint belongs to this run only: beside --out, and keyed by everything that
+    # changes the result (the model and training settings are added by train_vqvae).
+    identity = run_identity(args, device, category=settings["category"],
+                            epochs=train_config.epochs,
+                            data={**settings["data"], "n_train_images": len(train_set)})
+    history = train_vqvae(model, images, train_config, device=device,
+                          checkpoint=_checkpoint_path(args), identity=identity)
+    train_seconds = history.total_seconds
     began = time.perf_counter()
     variants = evaluate_model(model, test_set, settings["maps"], device,
                               pixel_level=args.dataset != "cifar10",
@@ -289,7 +294,9 @@ def run(args: ReproArgs) -> dict[str, Any]:
         },
     }
     return {"metrics": variants[MAIN_VARIANT], "config": config, "train_seconds": train_seconds,
-            "eval_seconds": eval_seconds, "device": str(device), "variants": variants}
+            "eval_seconds": eval_seconds, "device": str(device), "variants": variants,
+            "resumed_from_epoch": history.resumed_from_step // max(
+                1, per_epoch // train_config.batch_size)}
 
 
 def _table_runs(root: Path) -> list[tuple[str, str | None, Path | None, str | None]]:

@@ -6,6 +6,7 @@ on top (``adcore.train.vqvae``; ``adcore.train.cflow`` with its step engine
 """
 
 from adcore.train.loop import (
+    CheckpointError,
     CheckpointMismatchError,
     NonFiniteLossError,
     load_checkpoint,
@@ -14,6 +15,7 @@ from adcore.train.loop import (
 )
 
 __all__ = [
+    "CheckpointError",
     "CheckpointMismatchError",
     "NonFiniteLossError",
     "load_checkpoint",

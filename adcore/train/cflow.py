@@ -19,6 +19,10 @@ it over epochs, checks the losses for NaN every few image batches (they stay on 
 between), and evaluates. ``benchmarks/cflow.py`` measures the step against a FrEIA loop
 written like the reference code.
 
+With ``checkpoint=``, :func:`train_cflow` saves after every epoch everything the loop depends
+on (flows, Adam, history and every random generator it draws from) and resumes from it
+bit-identically on the CPU; the runner (``python -m adcore repro cflow``) uses this.
+
 Chapter 6 (``book/06_flows``) explains the training; chapter 8 adds the contrastive terms
 through the ``contrastive`` hook of :meth:`FiberTrainer.train_batch`.
 """
@@ -30,6 +34,8 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -37,7 +43,13 @@ from torch import Tensor
 from adcore.cflow import CFlowModel
 from adcore.losses import FLOW_LOSS_KINDS, MASK_RULES, feature_masks
 from adcore.train.fibers import Contrastive, FiberPair, FiberTrainer
-from adcore.train.loop import NonFiniteLossError, progress, save_checkpoint
+from adcore.train.loop import (
+    CheckpointError,
+    NonFiniteLossError,
+    load_checkpoint,
+    progress,
+    save_checkpoint,
+)
 
 __all__ = [
     "SCHEDULES",
@@ -206,11 +218,43 @@ def _check_pending(pending: list[_Pending], lr_now: float) -> None:
     pending.clear()
 
 
+#: fields of :class:`CFlowTrainConfig` that change no result (left out of a checkpoint's identity)
+_NEUTRAL_FIELDS = ("check_every", "use_graphs", "stage_threads")
+
+
+def _augment_generator(augment: object) -> torch.Generator | None:
+    """The random generator of an augmentation (its own, or its synthesizer's), if it has one."""
+    for owner in (augment, getattr(augment, "synthesizer", None)):
+        generator = getattr(owner, "generator", None)
+        if isinstance(generator, torch.Generator):
+            return generator
+    return None
+
+
+def _checkpoint_identity(model: CFlowModel, config: CFlowTrainConfig,
+                         identity: dict[str, Any] | None, contrastive: Contrastive | None,
+                         contrastive_start_epoch: int, mask_rule: str) -> dict[str, Any]:
+    """Plain values that make a checkpoint belong to one training run (compared on resume)."""
+    train = {k: v for k, v in config.to_dict().items() if k not in _NEUTRAL_FIELDS}
+    to_dict = getattr(contrastive, "to_dict", None)
+    out: dict[str, Any] = {
+        **{f"model.{k}": v for k, v in model.config.to_dict().items()},
+        **{f"train.{k}": v for k, v in train.items()},
+        "contrastive": (to_dict() if callable(to_dict) else
+                        None if contrastive is None else type(contrastive).__name__),
+        "contrastive_start_epoch": contrastive_start_epoch if contrastive is not None else None,
+        "mask_rule": mask_rule if contrastive is not None else None,
+    }
+    return {**out, **{f"run.{k}": v for k, v in (identity or {}).items()}}
+
+
 def train_cflow(model: CFlowModel, dataset: torch.utils.data.Dataset,
                 config: CFlowTrainConfig | None = None, *,
                 augment: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None,
                 contrastive: Contrastive | None = None, contrastive_start_epoch: int = 0,
-                mask_rule: str = "binary", checkpoint: str | os.PathLike | None = None, num_workers: int = 0,
+                mask_rule: str = "binary", checkpoint: str | os.PathLike | None = None,
+                resume: bool = True, identity: dict[str, Any] | None = None,
+                num_workers: int = 0,
                 show_progress: bool = True) -> dict:
     """Train the flows of ``model`` on the normal images of ``dataset``, then fit the normalisation.
 
@@ -225,7 +269,15 @@ def train_cflow(model: CFlowModel, dataset: torch.utils.data.Dataset,
         contrastive: the objective added at each step (see :meth:`FiberTrainer.train_batch`).
         contrastive_start_epoch: epochs trained with the flow loss alone first (the paper: 8).
         mask_rule: one of :data:`adcore.losses.MASK_RULES` (default ``"binary"``).
-        checkpoint: write the trained model there (atomically) when given.
+        checkpoint: a file written atomically after every epoch and at the end: the flows,
+            Adam's state, the epoch, the history and every random state the loop draws from
+            (torch's, the data order's, the fiber permutations' and the augmentation's
+            generator), so a run resumed from it is bit-identical on the CPU to an
+            uninterrupted one.
+        resume: continue from ``checkpoint`` when it exists (its configuration, and
+            ``identity``, must match: a mismatch names the fields).
+        identity: further plain values that make the checkpoint belong to one run (the
+            runner passes data set, category, data root, device type ...); compared on resume.
         num_workers: data-loader workers.
         show_progress: a tqdm bar over epochs.
 
@@ -236,6 +288,8 @@ def train_cflow(model: CFlowModel, dataset: torch.utils.data.Dataset,
     Raises:
         ValueError: fewer training images than one batch.
         NonFiniteLossError: a log-likelihood became NaN or infinite (names stage and step).
+        CheckpointMismatchError: the checkpoint was written for another configuration.
+        CheckpointError: the checkpoint is unreadable or past the requested epochs.
     """
     config = config or CFlowTrainConfig()
     device = model.normalization.device
@@ -259,9 +313,36 @@ def train_cflow(model: CFlowModel, dataset: torch.utils.data.Dataset,
     history: dict = {"loss": [], "lr": [], "config": config.to_dict()}
     pending: list[_Pending] = []
     images_seen = 0
+    start_epoch, earlier_seconds = 0, 0.0
+    ckpt_identity = _checkpoint_identity(model, config, identity, contrastive,
+                                         contrastive_start_epoch, mask_rule)
+    augment_generator = _augment_generator(augment)
+    if checkpoint is not None and resume and Path(checkpoint).is_file():
+        start_epoch, images_seen, earlier_seconds = _resume(
+            checkpoint, model, trainer, loader_generator, augment, augment_generator,
+            ckpt_identity, config, history)
     start = time.perf_counter()
-    epochs = progress(range(config.epochs), desc="CFlow-AD epochs",
-                      disable=None if show_progress else True)
+    final: dict[str, Any] = {}  # what only the last checkpoint holds (the normalisation)
+
+    def save(epoch_done: int) -> None:
+        if checkpoint is None:
+            return
+        extra = {**final, "loss": history["loss"], "lr": history["lr"], "steps": list(trainer.steps),
+                 "images_seen": images_seen, "fiber_generator": trainer.generator.get_state(),
+                 "train_seconds": earlier_seconds + time.perf_counter() - start}
+        if augment_generator is not None:
+            extra["augment_generator"] = augment_generator.get_state()
+        for counter in ("calls", "shrunk"):
+            if isinstance(getattr(augment, counter, None), int):
+                extra[f"augment_{counter}"] = getattr(augment, counter)
+        save_checkpoint(checkpoint, model=model.flows, optimizer=trainer.optimizer,
+                        step=sum(trainer.steps), epoch=epoch_done, config=ckpt_identity,
+                        generator=loader_generator, extra=extra)
+
+    desc = (f"CFlow-AD epochs (resuming from epoch {start_epoch})" if start_epoch
+            else "CFlow-AD epochs")
+    epochs = progress(range(start_epoch, config.epochs), desc=desc, total=config.epochs,
+                      initial=start_epoch, disable=None if show_progress else True)
     for epoch in epochs:
         sums = [torch.zeros((), device=device) for _ in model.flows]
         counts = [0] * model.n_stages
@@ -291,6 +372,7 @@ def train_cflow(model: CFlowModel, dataset: torch.utils.data.Dataset,
         _check_pending(pending, lr)
         history["loss"].append([float(s) / max(c, 1) for s, c in zip(sums, counts)])
         history["lr"].append(lr)
+        save(epoch + 1)  # after the finiteness check: a checkpoint never holds a NaN step
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
@@ -299,16 +381,54 @@ def train_cflow(model: CFlowModel, dataset: torch.utils.data.Dataset,
                                               shuffle=False, num_workers=num_workers)
     normalization = model.fit_normalization(
         b["image"].to(device, non_blocking=True) for b in eval_loader)
+    if start_epoch < config.epochs:  # a finished checkpoint is left as it is
+        final["normalization"] = normalization.tolist()
+        save(config.epochs)
     history.update({
-        "steps": list(trainer.steps), "seconds": seconds,
-        "images_per_second": images_seen / max(seconds, 1e-9),
-        "normalization": normalization.tolist(),
+        "steps": list(trainer.steps), "seconds": earlier_seconds + seconds,
+        "images_per_second": images_seen / max(earlier_seconds + seconds, 1e-9),
+        "normalization": normalization.tolist(), "resumed_from_epoch": start_epoch,
     })
-    if checkpoint is not None:
-        save_checkpoint(checkpoint, model=model.flows, step=sum(trainer.steps),
-                        epoch=config.epochs, config={**model.config.to_dict(), **config.to_dict()},
-                        extra={"normalization": normalization.tolist()})
     return history
+
+
+def _resume(checkpoint: str | os.PathLike, model: CFlowModel, trainer: FiberTrainer,
+            loader_generator: torch.Generator, augment: object,
+            augment_generator: torch.Generator | None, identity: dict[str, Any],
+            config: CFlowTrainConfig, history: dict) -> tuple[int, int, float]:
+    """Restore a run from its checkpoint; returns (next epoch, images seen, seconds so far)."""
+    # CPU first: the random states must stay on the CPU; the loads copy onto the device
+    state = load_checkpoint(checkpoint, model=model.flows, optimizer=trainer.optimizer,
+                            config=identity, generator=loader_generator, map_location="cpu")
+    extra, epoch = state["extra"], int(state["epoch"])
+    if epoch > config.epochs:
+        raise CheckpointError(f"{checkpoint} is at epoch {epoch}, past the requested "
+                              f"{config.epochs} epochs; it is kept as it is: ask for at least "
+                              f"{epoch} epochs, or delete it to train afresh")
+    needed = ["loss", "lr", "steps", "images_seen", "fiber_generator"]
+    if augment_generator is not None:
+        needed.append("augment_generator")
+    missing = [k for k in needed if k not in extra]
+    if missing:
+        raise CheckpointError(f"{checkpoint} lacks {missing}, which a resumed CFlow-AD run "
+                              "needs; delete it to train afresh")
+    if trainer._lr is not None:
+        # on CUDA the rate is the device tensor the captured Adam reads, not the saved copy
+        for group in trainer.optimizer.param_groups:
+            group["lr"] = trainer._lr
+    trainer.generator.set_state(extra["fiber_generator"].cpu())
+    if augment_generator is not None:
+        augment_generator.set_state(extra["augment_generator"].cpu())
+    for counter in ("calls", "shrunk"):
+        if f"augment_{counter}" in extra:
+            setattr(augment, counter, int(extra[f"augment_{counter}"]))
+    trainer.steps = [int(n) for n in extra["steps"]]
+    history["loss"], history["lr"] = list(extra["loss"]), list(extra["lr"])
+    if epoch == config.epochs:
+        print(f"training already finished at epoch {epoch} (checkpoint {Path(checkpoint).name})")
+    else:
+        print(f"resuming from epoch {epoch} of {config.epochs} from {Path(checkpoint).name}")
+    return epoch, int(extra["images_seen"]), float(extra.get("train_seconds", 0.0))
 
 
 def evaluate_images(model: CFlowModel, dataset: torch.utils.data.Dataset, *,

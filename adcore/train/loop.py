@@ -12,6 +12,7 @@ stopped and resumed then replays the same batches as an uninterrupted one.
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 from adcore.runtime import atomic_torch_save
 
 __all__ = [
+    "CheckpointError",
     "CheckpointMismatchError",
     "NonFiniteLossError",
     "load_checkpoint",
@@ -37,8 +39,16 @@ class NonFiniteLossError(FloatingPointError):
     """A loss became NaN or infinite; the message names the step and gives a hint."""
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used: unreadable, truncated, foreign, or past the requested stop."""
+
+
+class CheckpointMismatchError(CheckpointError):
     """A checkpoint was written for another configuration; the message names the fields."""
+
+
+#: what every checkpoint of :func:`save_checkpoint` holds
+_REQUIRED_KEYS = ("format", "model", "step", "epoch", "config", "extra", "torch_rng")
 
 
 def progress(iterable: Iterable[T], *, desc: str = "", total: int | None = None,
@@ -53,11 +63,14 @@ def progress(iterable: Iterable[T], *, desc: str = "", total: int | None = None,
 
 
 def _diff_configs(saved: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
+    def shown(values: Mapping[str, Any], key: str) -> str:
+        return repr(values[key]) if key in values else "no such field"
+
     fields = []
     for key in sorted(set(saved) | set(expected)):
-        if saved.get(key, "<missing>") != expected.get(key, "<missing>"):
-            fields.append(f"{key}: checkpoint has {saved.get(key, '<missing>')!r}, "
-                          f"expected {expected.get(key, '<missing>')!r}")
+        if key not in saved or key not in expected or saved[key] != expected[key]:
+            fields.append(f"{key}: checkpoint has {shown(saved, key)}, "
+                          f"expected {shown(expected, key)}")
     return fields
 
 
@@ -127,29 +140,50 @@ def load_checkpoint(path: str | os.PathLike, *, model: torch.nn.Module | None = 
         FileNotFoundError: no file at ``path``.
         CheckpointMismatchError: the configuration differs, or the file is not a checkpoint
             of this package.
+        CheckpointError: the file is truncated, unreadable, holds pickled objects, lacks a
+            part, or its tensors do not fit (every message names the file).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
+        # torch says "weights only load failed" for text files and pickled code alike
+        raise CheckpointError(
+            f"{path} cannot be read as a torch checkpoint (truncated, not a torch file, or "
+            f"holding pickled objects that weights_only loading refuses: {type(err).__name__}); "
+            "delete it to start the run afresh") from err
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointMismatchError(
             f"{path} is not an adcore checkpoint (format {CHECKPOINT_FORMAT} expected)")
+    missing = [k for k in _REQUIRED_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"{path} is an incomplete adcore checkpoint: it lacks {missing}; "
+                              "delete it to start the run afresh")
     if config is not None:
         fields = _diff_configs(state["config"], config)
         if fields:
             raise CheckpointMismatchError(
-                f"{path} was written for another configuration: " + "; ".join(fields))
-    if model is not None:
-        model.load_state_dict(state["model"])
-    if optimizer is not None and "optimizer" in state:
-        optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None and "scheduler" in state:
-        scheduler.load_state_dict(state["scheduler"])
-    if generator is not None and "generator" in state:
-        generator.set_state(state["generator"])
+                f"{path} was written for another configuration: " + "; ".join(fields)
+                + "; it is kept as it is: rerun with the settings it was written for, or delete "
+                "it to start afresh")
+    try:
+        if model is not None:
+            model.load_state_dict(state["model"])
+        if optimizer is not None and "optimizer" in state:
+            optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and "scheduler" in state:
+            scheduler.load_state_dict(state["scheduler"])
+        if generator is not None and "generator" in state:
+            generator.set_state(state["generator"].cpu())
+    except (RuntimeError, ValueError, KeyError, TypeError) as err:
+        # the configuration matched, yet the tensors do not fit: an edited or forged file
+        raise CheckpointError(f"{path} does not fit the model it claims to be for "
+                              f"({str(err).splitlines()[0]}); delete it to start afresh") from err
     if restore_rng:
-        torch.set_rng_state(state["torch_rng"])
+        # RNG states are CPU byte tensors whatever map_location moved them to
+        torch.set_rng_state(state["torch_rng"].cpu())
         if "cuda_rng" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
     return state

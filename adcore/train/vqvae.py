@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from adcore.train.loop import (
+    CheckpointError,
     NonFiniteLossError,
     load_checkpoint,
     progress,
@@ -133,6 +134,8 @@ class TrainHistory:
         resets: (step, codewords re-initialised) of each dead-codeword reset.
         seconds: wall time of this call (not counting an earlier, resumed part).
         images_per_second: training throughput of this call.
+        resumed_from_step: the checkpoint's step this call started from (0: a fresh run).
+        total_seconds: training wall time of every part of the run, resumed ones included.
     """
 
     steps: list[int] = field(default_factory=list)
@@ -145,6 +148,8 @@ class TrainHistory:
     resets: list[list[int]] = field(default_factory=list)
     seconds: float = 0.0
     images_per_second: float = 0.0
+    resumed_from_step: int = 0
+    total_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -442,7 +447,8 @@ def _checkpoint_config(model: VQVAE, config: VQVAETrainConfig) -> dict[str, Any]
 def train_vqvae(model: VQVAE, images: torch.Tensor, config: VQVAETrainConfig | None = None, *,
                 device: str | torch.device | None = None,
                 checkpoint: str | os.PathLike | None = None, resume: bool = True,
-                max_steps: int | None = None, show_progress: bool = True) -> TrainHistory:
+                max_steps: int | None = None, show_progress: bool = True,
+                identity: dict[str, Any] | None = None) -> TrainHistory:
     """Train a VQ-VAE on normal images by minimising Eq. 4.
 
     Args:
@@ -454,10 +460,15 @@ def train_vqvae(model: VQVAE, images: torch.Tensor, config: VQVAETrainConfig | N
         device: where to train (default: the model's device).
         checkpoint: a file to save to every ``checkpoint_every`` steps and at the end; with
             ``resume`` and an existing file, training continues from it (its model and
-            training configuration must match: a mismatch names the fields).
+            training configuration, and ``identity``, must match: a mismatch names the
+            fields). The loss sums since the last check are stored too, so a resumed run
+            records the same history as an uninterrupted one.
         resume: continue from ``checkpoint`` when it exists.
         max_steps: stop after this global step (and checkpoint), e.g. to split a run.
         show_progress: show a tqdm progress bar.
+        identity: further plain values that make a checkpoint belong to one run (the runner
+            passes data set, category, data root, epochs, device type ...); stored under
+            ``run.<key>`` and compared on resume.
 
     Returns:
         The :class:`TrainHistory` (including the checks of a resumed earlier part).
@@ -466,6 +477,8 @@ def train_vqvae(model: VQVAE, images: torch.Tensor, config: VQVAETrainConfig | N
         ValueError: images that do not fit the model, or a bad configuration.
         NonFiniteLossError: the loss became NaN/inf; the message names the first such step.
         CheckpointMismatchError: the checkpoint was written for another configuration.
+        CheckpointError: the checkpoint is unreadable, or already past the requested stop
+            (it is never rewritten backwards).
     """
     config = config or VQVAETrainConfig()
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -490,37 +503,65 @@ def train_vqvae(model: VQVAE, images: torch.Tensor, config: VQVAETrainConfig | N
     stop = total_steps if max_steps is None else min(max_steps, total_steps)
     history = TrainHistory()
     start = 0
-    ckpt_config = _checkpoint_config(model, config)
+    ckpt_config = {**_checkpoint_config(model, config),
+                   **{f"run.{k}": v for k, v in (identity or {}).items()}}
+    pending_sums: torch.Tensor | None = None
+    earlier_seconds = 0.0
     if checkpoint is not None and resume and Path(checkpoint).is_file():
+        # CPU first: the RNG states must stay on the CPU; the loads copy onto the device
         state = load_checkpoint(checkpoint, model=model, optimizer=optimizer, config=ckpt_config,
-                                map_location=device)
+                                map_location="cpu")
         start = state["step"]
+        if start > stop:
+            raise CheckpointError(
+                f"{checkpoint} is at step {start}, past the requested stop at step {stop} "
+                f"({config.epochs} epochs of {steps_per_epoch} steps); it is kept as it is: "
+                "ask for at least as many steps, or delete it to train afresh")
         history = TrainHistory.from_dict(state["extra"].get("history", {}))
+        pending_sums = state["extra"].get("pending_sums")
+        earlier_seconds = float(state["extra"].get("train_seconds", 0.0))
+        history.resumed_from_step = start
+        if start == stop:
+            print(f"training already finished at step {stop} (checkpoint {Path(checkpoint).name})")
+        else:
+            print(f"resuming from epoch {start // steps_per_epoch} (step {start} of {stop}) "
+                  f"from {Path(checkpoint).name}")
     step_fn = TrainStep(model, optimizer, device, config,
                     (config.batch_size, *data.shape[1:]))
+    if pending_sums is not None:
+        step_fn.sums.copy_(pending_sums.to(device))
+    began = time.perf_counter()
 
-    def save(step: int) -> None:
-        if checkpoint is not None:
-            save_checkpoint(checkpoint, model=model, optimizer=optimizer, step=step,
-                            epoch=step // steps_per_epoch, config=ckpt_config,
-                            extra={"history": history.to_dict()})
-
-    def check(step: int, bar: Any) -> None:
-        values = step_fn.read()
+    def raise_if_non_finite() -> None:
         bad = int(step_fn.first_bad.item())
         if bad >= 0:
             raise NonFiniteLossError(
                 f"non-finite VQ-VAE loss at step {start + bad} (of {total_steps}); lower the "
                 f"learning rate (lr={config.lr}), train without bf16 (amp=False), or check that "
                 "the training images are finite and in [0, 1]")
+
+    def save(step: int) -> None:
+        if checkpoint is not None:
+            raise_if_non_finite()  # a checkpoint never holds weights past a non-finite loss
+            save_checkpoint(checkpoint, model=model, optimizer=optimizer, step=step,
+                            epoch=step // steps_per_epoch, config=ckpt_config,
+                            extra={"history": history.to_dict(),
+                                   "pending_sums": step_fn.sums.detach().cpu(),
+                                   "train_seconds": earlier_seconds
+                                   + time.perf_counter() - began})
+
+    def check(step: int, bar: Any) -> None:
+        values = step_fn.read()
+        raise_if_non_finite()
         history.steps.append(step)
         for key, value in values.items():
             getattr(history, key).append(value)
         if bar is not None and hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{values['loss']:.4f}", perplexity=f"{values['perplexity']:.1f}")
 
-    began = time.perf_counter()
-    bar = progress(range(start, stop), desc="VQ-VAE training", total=total_steps, initial=start,
+    desc = f"VQ-VAE training (resuming from epoch {start // steps_per_epoch})" if start else \
+        "VQ-VAE training"
+    bar = progress(range(start, stop), desc=desc, total=total_steps, initial=start,
                    disable=None if show_progress else True)
     plan: dict[str, torch.Tensor] = {}
     plan_epoch = -1
@@ -550,6 +591,8 @@ def train_vqvae(model: VQVAE, images: torch.Tensor, config: VQVAETrainConfig | N
     if on_cuda:
         torch.cuda.synchronize(device)
     history.seconds = time.perf_counter() - began
+    history.total_seconds = earlier_seconds + history.seconds
     history.images_per_second = (stop - start) * config.batch_size / max(history.seconds, 1e-9)
-    save(stop)
+    if start < stop:  # a finished checkpoint is left as it is
+        save(stop)
     return history
