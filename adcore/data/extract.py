@@ -137,7 +137,8 @@ def _plan_tar(members: list[tarfile.TarInfo], archive: Path,
         elif member.isdir():
             pass
         else:
-            kind = "device" if member.isdev() else "special"
+            kind = ("FIFO" if member.isfifo() else
+                    "device" if member.ischr() or member.isblk() else "special")
             raise UnsafeArchiveError(f"{archive}: member {member.name!r} is a {kind} file; "
                                      "refusing to extract")
         if total > limits.max_bytes:
