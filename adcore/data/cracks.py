@@ -134,7 +134,7 @@ def _read_mask(pair: CrackPair, size: tuple[int, int] | None = None) -> np.ndarr
         raise ValueError(f"mask {pair.mask} is {mask_wh[0]}x{mask_wh[1]} but its image "
                          f"{pair.image} is {image_wh[0]}x{image_wh[1]}; expected equal sizes")
     if size is not None:
-        mask = np.asarray(Image.fromarray(mask).resize(size, Image.NEAREST))
+        mask = np.array(Image.fromarray(mask).resize(size, Image.NEAREST))  # writable copy
     return mask
 
 
