@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import io
+import os
 import re
 import threading
 import zipfile
@@ -344,3 +345,28 @@ def test_zip_archive_through_the_registry(tmp_path: Path, monkeypatch: pytest.Mo
     resource = Resource(name="w", url="", sha256=_sha(buffer.getvalue()), filename="w.zip",
                         local=("w.zip",), strip="wrap")
     assert (ensure(resource, tmp_path / "data") / "sub" / "b.txt").read_bytes() == b"b"
+
+
+def test_markers_of_earlier_versions_are_honoured(tmp_path: Path) -> None:
+    resource = Resource(name="toy", url="", sha256="a" * 64, filename="toy.zip")
+    done = tmp_path / "data" / "toy"
+    done.mkdir(parents=True)
+    (done / MARKER).write_text("a" * 64 + "\n")  # the bare sha256 older versions wrote
+    assert ensure(resource, tmp_path / "data") == done
+    (done / MARKER).write_text("sha256:" + "b" * 64 + "\n")
+    with pytest.raises(FileExistsError, match="holds another version"):
+        ensure(resource, tmp_path / "data")
+
+
+def test_read_only_root_is_refused_with_a_sentence(tmp_path: Path) -> None:
+    resource = Resource(name="toy", url="", sha256="a" * 64, filename="toy.zip")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user who may write anywhere")
+        with pytest.raises(PermissionError, match="locked: the folder is not writable"):
+            ensure(resource, locked)
+    finally:
+        locked.chmod(0o755)

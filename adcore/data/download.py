@@ -261,7 +261,10 @@ def _finished(folder: Path, resource: Resource) -> bool:
     marker = folder / MARKER
     if marker.is_file():
         recorded = marker.read_text().split()
-        if recorded and recorded[0] == _marker_text(resource):
+        checksum = resource.checksum
+        # earlier versions of this package wrote the bare sha256
+        if recorded and (recorded[0] == _marker_text(resource)
+                         or (checksum is not None and recorded[0] == checksum[1])):
             return True
         raise FileExistsError(f"{folder} holds another version of {resource.name!r} "
                               f"({' '.join(recorded) or 'empty marker'}; expected "
@@ -356,6 +359,9 @@ def ensure(resource: str | Resource, root: str | os.PathLike | None = None, *,
     if _finished(folder, resource):
         return folder
     root.mkdir(parents=True, exist_ok=True)
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot extract {resource.name!r} under {root}: the folder is not "
+                              "writable; pass a writable data root (or set ADCORE_DATA)")
     _clear_stale_staging(root, resource.name)
     archive, downloaded = _obtain_archive(resource, root, allow_unverified=allow_unverified,
                                           progress=progress, timeout=timeout)
