@@ -156,10 +156,18 @@ def _size_of(plan: list[tuple[tarfile.TarInfo, str]], path: str) -> int:
     return 0
 
 
-def _safe_parent(target: Path, relative: str, archive: Path) -> Path:
-    """Create the member's parent folders; refuse any existing component that is a link."""
+def _safe_parent(target: Path, relative: str, archive: Path, known: set[str]) -> Path:
+    """Create the member's parent folders; refuse any existing component that is a link.
+
+    ``known`` holds the folders already checked in this extraction (a folder, once checked,
+    cannot turn into a link: link members never replace an existing path).
+    """
+    parts = relative.split("/")[:-1]
+    parent = "/".join(parts)
+    if parent in known:
+        return target / relative
     current = target
-    for part in relative.split("/")[:-1]:
+    for part in parts:
         current = current / part
         try:
             info = os.lstat(current)
@@ -169,6 +177,7 @@ def _safe_parent(target: Path, relative: str, archive: Path) -> Path:
         if not stat.S_ISDIR(info.st_mode):
             raise UnsafeArchiveError(f"{archive}: member {relative!r} runs through {current}, "
                                      "which is not a plain folder; refusing to extract")
+    known.add(parent)
     return target / relative
 
 
@@ -211,14 +220,14 @@ def _extract_zip(archive: Path, target: Path, limits: ExtractionLimits) -> list[
         if declared > limits.max_bytes:
             raise UnsafeArchiveError(f"{archive} would extract to {declared} bytes; expected at "
                                      f"most {limits.max_bytes}")
-        written, out = [0], []
+        written, out, known = [0], [], set()
         for info, path in plan:
             if not path:
                 continue
             if info.is_dir():
-                _safe_parent(target, path + "/x", archive)
+                _safe_parent(target, path + "/x", archive, known)
                 continue
-            dest = _safe_parent(target, path, archive)
+            dest = _safe_parent(target, path, archive, known)
             with zf.open(info) as source:
                 # sizes are counted as written: a zip's declared sizes can lie
                 _copy_stream(source, dest, _file_mode(info.external_attr >> 16), archive,
@@ -230,19 +239,19 @@ def _extract_zip(archive: Path, target: Path, limits: ExtractionLimits) -> list[
 def _extract_tar(archive: Path, target: Path, limits: ExtractionLimits) -> list[Path]:
     with tarfile.open(archive) as tf:
         plan = _plan_tar(tf.getmembers(), archive, limits)
-        written, out = [0], []
+        written, out, known = [0], [], set()
         for member, path in plan:
             if member.isdir():
-                _safe_parent(target, path + "/x", archive)
+                _safe_parent(target, path + "/x", archive, known)
                 continue
-            dest = _safe_parent(target, path, archive)
+            dest = _safe_parent(target, path, archive, known)
             if member.issym():
                 if dest.exists() or dest.is_symlink():
                     raise UnsafeArchiveError(f"{archive}: link member {member.name!r} would replace "
                                              f"{dest}; refusing to extract")
                 os.symlink(member.linkname, dest)
             elif member.islnk():
-                source = _safe_parent(target, _normalise(member.linkname, archive), archive)
+                source = _safe_parent(target, _normalise(member.linkname, archive), archive, known)
                 with open(source, "rb") as handle:
                     _copy_stream(handle, dest, _file_mode(member.mode), archive, written, limits)
             else:
