@@ -48,15 +48,6 @@ def _visible_dirs(folder: Path) -> list[Path]:
     return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-def _resize(array: np.ndarray, image_size: int, resample: Image.Resampling) -> np.ndarray:
-    """Resize (H, W, C) float32 channel by channel in PIL's float mode (no 8-bit rounding)."""
-    size = (image_size, image_size)
-    channels = [np.asarray(Image.fromarray(np.ascontiguousarray(array[:, :, c]), mode="F")
-                           .resize(size, resample, reducing_gap=None))
-                for c in range(array.shape[2])]
-    return np.stack(channels, axis=2)
-
-
 def load_image(path: str | os.PathLike, image_size: int | None = None,
                channels: int = 3) -> torch.Tensor:
     """Read an image file (through :func:`adcore.data.imageio.read_image`) as a tensor.
@@ -78,9 +69,13 @@ def load_image(path: str | os.PathLike, image_size: int | None = None,
     if channels not in (1, 3):
         raise ValueError(f"channels={channels}: expected 1 (grey) or 3 (RGB)")
     array = read_image(path, "RGB" if channels == 3 else "L")
-    if image_size is not None:
-        array = np.clip(_resize(array, image_size, Image.BILINEAR), 0.0, 1.0)
-    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+    image = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+    if image_size is not None and image.shape[1:] != (image_size, image_size):
+        # antialiased bilinear in float: PIL's filter (to ~1e-7), with no 8-bit rounding
+        image = torch.nn.functional.interpolate(image[None], size=(image_size, image_size),
+                                                mode="bilinear", antialias=True,
+                                                align_corners=False)[0].clamp_(0.0, 1.0)
+    return image
 
 
 def load_mask(path: str | os.PathLike, image_size: int | None = None) -> torch.Tensor:
