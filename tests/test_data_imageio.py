@@ -113,3 +113,11 @@ def test_errors_name_the_file(tmp_path: Path) -> None:
         read_image(tmp_path / "cut.png")
     with pytest.raises(ValueError, match="mode='BGR'"):
         read_image(tmp_path / "whole.png", mode="BGR")
+
+
+def test_rotated_16bit_image_keeps_its_range(tmp_path: Path) -> None:
+    stored = np.array([[0, 1000, 65535]], dtype=np.uint16)
+    _save_oriented(stored, tmp_path / "deep.png", 6)
+    image = read_image(tmp_path / "deep.png", "L")[:, :, 0]
+    assert image.shape == (3, 1)  # turned by the orientation tag
+    assert np.allclose(np.sort(image.ravel()), np.sort(stored.ravel()) / 65535.0, atol=1e-7)

@@ -34,31 +34,38 @@ _DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError,
                   Image.DecompressionBombError)
 
 
-def _open_oriented(path: Path) -> Image.Image:
-    """Decode ``path`` fully, with its EXIF orientation applied (the caller closes it)."""
+def _bits_per_sample(img: Image.Image) -> int:
+    """Bits per integer sample the file stores (PNG: at most 16; TIFF: its tag 258)."""
+    if img.format == "PNG":
+        return 16
+    tags = getattr(img, "tag_v2", None)
+    if tags is not None and 258 in tags:
+        value = tags[258]
+        return int(value[0] if isinstance(value, tuple) else value)
+    return 32
+
+
+def _open_oriented(path: Path) -> tuple[Image.Image, int]:
+    """Decode ``path`` fully, with its EXIF orientation applied (the caller closes it).
+
+    Returns the image and the bits per sample of the file (read before the orientation
+    step, whose copy forgets the file format).
+    """
     if not path.is_file():
         raise FileNotFoundError(f"no image file at {path}")
     try:
         img = Image.open(path)
         img.load()  # decode now so that a truncated file fails here, named
+        bits = _bits_per_sample(img)
         oriented = ImageOps.exif_transpose(img)
     except _DECODE_ERRORS as err:
         raise ValueError(f"cannot read image {path}: {err}") from err
     if oriented is not img:
         img.close()
-    return oriented
+    return oriented, bits
 
 
-def _bits_per_sample(img: Image.Image) -> int | None:
-    """Bits per sample a TIFF declares (tag 258), when it says so."""
-    tags = getattr(img, "tag_v2", None)
-    if tags is None or 258 not in tags:
-        return None
-    value = tags[258]
-    return int(value[0] if isinstance(value, tuple) else value)
-
-
-def _scaled(img: Image.Image, path: Path) -> np.ndarray:
+def _scaled(img: Image.Image, path: Path, bits: int) -> np.ndarray:
     """Pixels as float32 in [0, 1], (H, W) or (H, W, C), scaled by the type's true range."""
     mode = img.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N"):
@@ -66,7 +73,6 @@ def _scaled(img: Image.Image, path: Path) -> np.ndarray:
     if mode == "I":
         # PIL widens 16-bit PNGs (and 8/16-bit TIFFs) to 32-bit ints: the file says which
         array = np.asarray(img).astype(np.int64)
-        bits = 16 if img.format == "PNG" else (_bits_per_sample(img) or 32)
         if array.min(initial=0) < 0:
             raise ValueError(f"image {path} holds negative integer pixels (min {array.min()}); "
                              "expected unsigned intensities")
@@ -109,14 +115,14 @@ def read_image(path: str | os.PathLike, mode: str = "RGB") -> np.ndarray:
     if mode not in _MODES:
         raise ValueError(f"mode={mode!r}: expected 'RGB' or 'L'")
     path = Path(path)
-    img = _open_oriented(path)
+    img, bits = _open_oriented(path)
     try:
         if img.mode in ("1", "L", "RGB", "P", "RGBA", "LA", "PA", "CMYK", "YCbCr", "LAB", "HSV",
                         "RGBX", "La", "RGBa"):
             # 8-bit images: PIL's conversions are the reference (and bit-exact with earlier reads)
             array = np.asarray(img.convert(mode), dtype=np.float32) / 255.0
         else:
-            array = _scaled(img, path)
+            array = _scaled(img, path, bits)
     finally:
         img.close()
     if array.ndim == 2:
@@ -149,7 +155,7 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
         ValueError: the file cannot be decoded (the message names it).
     """
     path = Path(path)
-    img = _open_oriented(path)
+    img, _ = _open_oriented(path)
     try:
         if img.mode == "P":
             # a palette index is not an intensity: decide on the colours it stands for
