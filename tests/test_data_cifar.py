@@ -79,13 +79,18 @@ def test_shared_archive_is_extracted_once_and_cached(shared, tmp_path: Path,
     assert len(list((folder / ".adcore-cache").glob("train-*.npy"))) == 3
     first_test = CIFAR10OneVsRest(root, "cat", "test", obtain="none")
     # the second read comes from the cache: decoding is not called again
-    monkeypatch.setattr(cifar, "_decode", lambda path: pytest.fail(f"decoded {path} again"))
-    again, again_labels, again_sources = read_cifar10(root, "train")
-    assert torch.equal(again, images) and torch.equal(again_labels, labels)
-    assert again_sources == sources
-    test = CIFAR10OneVsRest(root, "cat", "test", obtain="none")
-    assert len(test) == 10 and test.labels.count(0) == 1
-    assert torch.equal(test.images, first_test.images)
+    with monkeypatch.context() as patched:
+        patched.setattr(cifar, "_decode", lambda path: pytest.fail(f"decoded {path} again"))
+        again, again_labels, again_sources = read_cifar10(root, "train")
+        assert torch.equal(again, images) and torch.equal(again_labels, labels)
+        assert again_sources == sources
+        test = CIFAR10OneVsRest(root, "cat", "test", obtain="none")
+        assert len(test) == 10 and test.labels.count(0) == 1
+        assert torch.equal(test.images, first_test.images)
+    # a damaged cache is not trusted: the images are decoded again
+    cached = next((folder / ".adcore-cache").glob("train-*.images.npy"))
+    cached.write_bytes(cached.read_bytes()[:200])
+    assert torch.equal(read_cifar10(root, "train", obtain="none")[0], images)
 
 
 def test_damaged_or_foreign_archives_are_refused(shared, tmp_path: Path) -> None:

@@ -163,11 +163,16 @@ def _read_folders(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray, lis
     cache = folder / _CACHE
     files = {kind: cache / f"{split}-{key}.{kind}.npy" for kind in ("names", "labels", "images")}
     if key is not None and all(f.is_file() for f in files.values()):
-        names = np.load(files["names"], allow_pickle=False)
-        labels = np.load(files["labels"], allow_pickle=False)
-        images = np.load(files["images"], allow_pickle=False, mmap_mode="r")
-        if len(names) == len(labels) == len(images) and images.shape[1:] == (32, 32, 3):
-            return images, labels, names.tolist()
+        try:
+            names = np.load(files["names"], allow_pickle=False)
+            labels = np.load(files["labels"], allow_pickle=False)
+            images = np.load(files["images"], allow_pickle=False, mmap_mode="r")
+            if (len(names) == len(labels) == len(images) and images.shape[1:] == (32, 32, 3)
+                    and images.dtype == np.uint8 and labels.min(initial=0) >= 0
+                    and labels.max(initial=0) <= 9):
+                return images, labels.astype(np.int64), names.tolist()
+        except (ValueError, OSError, EOFError):
+            pass  # a damaged cache is decoded again and rewritten
     split_dir = folder / split
     names, labels, arrays = [], [], []
     for index, name in enumerate(CIFAR10_CLASSES):
