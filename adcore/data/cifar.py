@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from adcore.data.download import MARKER, ensure, local_candidates
 from adcore.data.mvtec import IMAGE_SUFFIXES
@@ -156,7 +157,8 @@ def _save_atomic(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def _read_folders(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _read_folders(folder: Path, split: str,
+                  progress: bool = False) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(N, 32, 32, 3) uint8, (N,) int64, relative names ``class/file`` of one split."""
     _check_tree(folder)
     key = _cache_key(folder)
@@ -175,6 +177,7 @@ def _read_folders(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray, lis
             pass  # a damaged cache is decoded again and rewritten
     split_dir = folder / split
     names, labels, arrays = [], [], []
+    bar = tqdm(total=None, desc=f"decode CIFAR-10 {split}", unit="img", disable=not progress)
     for index, name in enumerate(CIFAR10_CLASSES):
         paths = sorted(p for p in (split_dir / name).iterdir()
                        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
@@ -184,6 +187,8 @@ def _read_folders(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray, lis
             arrays.append(_decode(path))
             labels.append(index)
             names.append(f"{name}/{path.name}")
+        bar.update(len(paths))
+    bar.close()
     images, label_array = np.stack(arrays), np.asarray(labels, dtype=np.int64)
     if key is not None:
         try:
@@ -248,7 +253,7 @@ def read_cifar10(root: str | os.PathLike, split: str = "train", *, obtain: str =
             shared JPEG archive under ``root`` (once, checksum-verified) when it is found;
             ``"download"`` also fetches the official release when it is not; ``"none"`` only
             reads.
-        progress: show progress bars while obtaining the data.
+        progress: show progress bars while obtaining and first decoding the data.
 
     Returns:
         ``(images (N, 3, 32, 32) uint8, labels (N,) int64 class indices, sources)`` where
@@ -272,7 +277,7 @@ def read_cifar10(root: str | os.PathLike, split: str = "train", *, obtain: str =
     kind, folder = found
     if kind == "batches":
         return _read_batches(folder, split)
-    images, labels, names = _read_folders(folder, split)
+    images, labels, names = _read_folders(folder, split, progress)
     tensor = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
     split_dir = folder / split
     return tensor, torch.from_numpy(labels), [str(split_dir / n) for n in names]

@@ -371,7 +371,7 @@ def ensure(resource: str | Resource, root: str | os.PathLike | None = None, *,
     try:
         (staging / STAGING_MARKER).write_text("staging\n")
         try:
-            safe_extract(archive, staging, resource.limits)
+            safe_extract(archive, staging, resource.limits, progress=progress)
         except ArchiveError as err:
             raise type(err)(f"{err} (resource {resource.name!r})") from err
         content = _unwrap(staging, resource.strip or resource.name)

@@ -31,6 +31,8 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 __all__ = ["ArchiveError", "ExtractionLimits", "UnsafeArchiveError", "remove_tree", "safe_extract"]
 
 _CHUNK = 1 << 20
@@ -209,7 +211,8 @@ def _file_mode(mode: int) -> int:
     return 0o755 if mode & 0o100 else 0o644
 
 
-def _extract_zip(archive: Path, target: Path, limits: ExtractionLimits) -> list[Path]:
+def _extract_zip(archive: Path, target: Path, limits: ExtractionLimits,
+                 progress: bool) -> list[Path]:
     with zipfile.ZipFile(archive) as zf:
         infos = zf.infolist()
         if len(infos) > limits.max_members:
@@ -221,7 +224,8 @@ def _extract_zip(archive: Path, target: Path, limits: ExtractionLimits) -> list[
             raise UnsafeArchiveError(f"{archive} would extract to {declared} bytes; expected at "
                                      f"most {limits.max_bytes}")
         written, out, known = [0], [], set()
-        for info, path in plan:
+        for info, path in tqdm(plan, desc=f"extract {archive.name}", unit="file",
+                               disable=not progress):
             if not path:
                 continue
             if info.is_dir():
@@ -236,11 +240,13 @@ def _extract_zip(archive: Path, target: Path, limits: ExtractionLimits) -> list[
         return out
 
 
-def _extract_tar(archive: Path, target: Path, limits: ExtractionLimits) -> list[Path]:
+def _extract_tar(archive: Path, target: Path, limits: ExtractionLimits,
+                 progress: bool) -> list[Path]:
     with tarfile.open(archive) as tf:
         plan = _plan_tar(tf.getmembers(), archive, limits)
         written, out, known = [0], [], set()
-        for member, path in plan:
+        for member, path in tqdm(plan, desc=f"extract {archive.name}", unit="file",
+                                 disable=not progress):
             if member.isdir():
                 _safe_parent(target, path + "/x", archive, known)
                 continue
@@ -265,7 +271,7 @@ def _extract_tar(archive: Path, target: Path, limits: ExtractionLimits) -> list[
 
 
 def safe_extract(archive: str | os.PathLike, target: str | os.PathLike,
-                 limits: ExtractionLimits | None = None) -> list[Path]:
+                 limits: ExtractionLimits | None = None, *, progress: bool = False) -> list[Path]:
     """Extract a tar (any compression) or zip archive into ``target``, member by member.
 
     Every tar header is checked before anything is written (see the module docstring for
@@ -275,6 +281,7 @@ def safe_extract(archive: str | os.PathLike, target: str | os.PathLike,
         archive: the archive file.
         target: the folder to extract into (created if missing).
         limits: caps on the total size and member count (default :class:`ExtractionLimits`).
+        progress: show a progress bar over the members.
 
     Returns:
         The extracted files and links.
@@ -290,9 +297,9 @@ def safe_extract(archive: str | os.PathLike, target: str | os.PathLike,
     target.mkdir(parents=True, exist_ok=True)
     try:
         if zipfile.is_zipfile(archive):
-            return _extract_zip(archive, target, limits)
+            return _extract_zip(archive, target, limits, progress)
         if tarfile.is_tarfile(archive):
-            return _extract_tar(archive, target, limits)
+            return _extract_tar(archive, target, limits, progress)
     except ArchiveError:
         raise
     except getattr(tarfile, "FilterError", ()) as err:  # never used, but never leaked either
