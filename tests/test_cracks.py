@@ -185,3 +185,19 @@ def test_deepcrack_pairs_read() -> None:
     image, mask = read_crack_pair(pairs[0], scale=0.5)
     assert image.shape == (3, 192, 272) and mask.shape == (192, 272)
     assert mask.dtype == torch.bool and mask.any()
+
+
+def test_masks_stored_as_zero_one_are_cracks(tmp_path: Path) -> None:
+    folder = tmp_path / "ones"
+    (folder / "image").mkdir(parents=True)
+    (folder / "mask").mkdir(parents=True)
+    Image.fromarray(np.zeros((9, 12, 3), np.uint8)).save(folder / "image" / "000.png")
+    mask = np.zeros((9, 12), np.uint8)
+    mask[4, 0] = 1                                    # 0/1, not 0/255
+    Image.fromarray(mask).save(folder / "mask" / "000.png")
+    (folder / "image" / "._000.png").write_bytes(b"macOS metadata")
+    pairs = crack_pairs(folder)
+    assert len(pairs) == 1
+    assert count_tiles(pairs) == {"normal": 8, "anomalous": 1}
+    _, read = read_crack_pair(pairs[0])
+    assert read.sum() == 1 and bool(read[4, 0])

@@ -198,3 +198,50 @@ def test_synthetic_dataset_generates_once_under_the_root(tmp_path: Path) -> None
     # Another size lives beside it instead of replacing it.
     other = synthetic_dataset("screw", n_train=2, n_test=5, image_size=48)
     assert other != folder and folder.is_dir()
+
+
+# ----------------------------------------------------------------------------- careless inputs
+def test_hidden_files_and_checkpoint_folders_are_skipped(tmp_path: Path,
+                                                         tiny_synthetic: Path) -> None:
+    folder = _copy_category(tiny_synthetic, tmp_path / "concrete")
+    clean = MVTecAD(tmp_path, "concrete", "test", image_size=32)
+    (folder / "train" / "good" / "._000.png").write_bytes(b"macOS metadata")
+    (folder / "train" / ".ipynb_checkpoints").mkdir()
+    (folder / "test" / ".ipynb_checkpoints").mkdir()
+    (folder / "test" / ".ipynb_checkpoints" / "000-checkpoint.png").write_bytes(b"junk")
+    for defect in (folder / "test").iterdir():
+        if defect.is_dir() and not defect.name.startswith("."):
+            (defect / "._000.png").write_bytes(b"macOS metadata")
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    train = MVTecAD(tmp_path, "concrete", "train", image_size=32)
+    test = MVTecAD(tmp_path, "concrete", "test", image_size=32)
+    assert len(train) == 12 and [s[0] for s in test.samples] == [s[0] for s in clean.samples]
+    assert train[0]["image"].shape == (3, 32, 32)
+    with pytest.raises(FileNotFoundError, match=r"categories there: \['concrete'\]"):
+        MVTecAD(tmp_path, "tile")
+
+
+def _oriented_png(array: np.ndarray, path: Path, orientation: int) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(array).save(path, exif=exif)
+
+
+def test_loader_reads_16bit_and_rotated_files_as_seen(tmp_path: Path) -> None:
+    category = tmp_path / "part"
+    (category / "train" / "good").mkdir(parents=True)
+    (category / "test" / "scratch").mkdir(parents=True)
+    (category / "ground_truth" / "scratch").mkdir(parents=True)
+    deep = np.full((16, 16), 4096, np.uint16)  # dark grey in 16 bits, white if clipped at 255
+    Image.fromarray(deep).save(category / "train" / "good" / "000.png")
+    stored = np.zeros((8, 16), np.uint8)   # landscape on disk, portrait once rotated (EXIF 6)
+    stored[0, :4] = 255
+    _oriented_png(np.stack([stored] * 3, axis=2), category / "test" / "scratch" / "000.png", 6)
+    _oriented_png((stored > 0).astype(np.uint8), category / "ground_truth" / "scratch" / "000_mask.png", 6)
+    train = FolderDataset(category, "train", image_size=None, channels=1)
+    assert torch.allclose(train[0]["image"], torch.full((1, 16, 16), 4096 / 65535))
+    item = FolderDataset(category, "test", image_size=None)[0]
+    assert item["image"].shape == (3, 16, 8) and item["mask"].shape == (1, 16, 8)
+    assert torch.equal(item["mask"][0] > 0, item["image"][0] > 0.5)  # 0/1 mask, aligned
+    resized = FolderDataset(category, "test", image_size=8)[0]
+    assert resized["mask"].sum() > 0

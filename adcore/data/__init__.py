@@ -5,9 +5,21 @@ Chapter 1 (``book/01_data``) explains every piece.
 
 from adcore.data.cifar import CIFAR10_CLASSES, CIFAR10OneVsRest, read_cifar10
 from adcore.data.cracks import count_tiles, crack_datasets, crack_root
-from adcore.data.download import REGISTRY, Resource, download, safe_extract, sha256sum
-from adcore.data.mvtec import MVTEC_CATEGORIES, FolderDataset, MVTecAD, read_image, read_mask
-from adcore.data.root import data_root, synthetic_dataset
+from adcore.data.download import (
+    REGISTRY,
+    ChecksumError,
+    DownloadError,
+    IncompleteDownloadError,
+    Resource,
+    UnverifiedResourceError,
+    download,
+    ensure,
+    sha256sum,
+)
+from adcore.data.extract import ArchiveError, ExtractionLimits, UnsafeArchiveError, safe_extract
+from adcore.data.imageio import image_size, read_image, read_mask
+from adcore.data.mvtec import MVTEC_CATEGORIES, FolderDataset, MVTecAD, load_image, load_mask
+from adcore.data.root import data_root, shared_data_dir, synthetic_dataset
 from adcore.data.synthetic import (
     DEFECT_TYPES,
     SYNTHETIC_CATEGORIES,
@@ -18,6 +30,15 @@ from adcore.data.synthetic import (
 from adcore.data.ucsd import UCSDPed1, find_ucsd_ped1
 
 __all__ = [
+    "ArchiveError",
+    "ChecksumError",
+    "DownloadError",
+    "ExtractionLimits",
+    "IncompleteDownloadError",
+    "UnsafeArchiveError",
+    "UnverifiedResourceError",
+    "ensure",
+    "shared_data_dir",
     "CIFAR10_CLASSES",
     "DEFECT_TYPES",
     "MVTEC_CATEGORIES",
@@ -33,6 +54,9 @@ __all__ = [
     "crack_root",
     "data_root",
     "download",
+    "image_size",
+    "load_image",
+    "load_mask",
     "make_synthetic_dataset",
     "read_image",
     "read_mask",

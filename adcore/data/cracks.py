@@ -29,10 +29,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
-from adcore.data.mvtec import IMAGE_SUFFIXES, read_image
+from adcore.data.imageio import image_size, read_mask
+from adcore.data.mvtec import IMAGE_SUFFIXES, load_image
+from adcore.data.root import shared_data_dir
 
 __all__ = [
     "CRACK_SPLITS",
@@ -63,10 +65,13 @@ CRACK_SPLITS: dict[str, tuple[int, int]] = {
 def crack_root() -> Path | None:
     """The folder holding the crack sets (``cfd/``, ``deepcrack/``, ...), or None when absent.
 
-    ``ADCORE_CRACKS`` if set, else ``../shared/data`` beside the repository.
+    ``ADCORE_CRACKS`` if set, else the project's shared data folder
+    (:func:`adcore.data.shared_data_dir`: ``$ADCORE_SHARED_DATA`` or ``../shared/data``
+    beside the repository).
 
     Raises:
-        FileNotFoundError: ``ADCORE_CRACKS`` names a folder that does not exist.
+        FileNotFoundError: ``ADCORE_CRACKS`` (or ``ADCORE_SHARED_DATA``) names a folder that
+            does not exist.
     """
     explicit = os.environ.get(ENV_VAR, "").strip()
     if explicit:
@@ -75,8 +80,7 @@ def crack_root() -> Path | None:
             raise FileNotFoundError(f"{ENV_VAR}={explicit!r} is not a folder; expected one holding "
                                     f"crack sets in the layout {LAYOUT}")
         return root
-    shared = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-    return shared if shared.is_dir() else None
+    return shared_data_dir()
 
 
 @dataclass(frozen=True)
@@ -103,7 +107,8 @@ def crack_pairs(folder: str | os.PathLike) -> list[CrackPair]:
     if not images_dir.is_dir() or not masks_dir.is_dir():
         raise FileNotFoundError(f"{folder} should hold image/ and mask/ folders; expected the "
                                 f"layout {LAYOUT}")
-    images = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    images = sorted(p for p in images_dir.iterdir()
+                    if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
     if not images:
         raise ValueError(f"{images_dir} holds no images (suffixes {', '.join(IMAGE_SUFFIXES)}); "
                          f"expected the layout {LAYOUT}")
@@ -117,22 +122,20 @@ def crack_pairs(folder: str | os.PathLike) -> list[CrackPair]:
 
 
 def _read_mask(pair: CrackPair, size: tuple[int, int] | None = None) -> np.ndarray:
-    """The pair's mask as (H, W) bool, checked against the image's size (``size`` = (W, H))."""
-    try:
-        with Image.open(pair.image) as img:
-            image_wh = img.size
-        with Image.open(pair.mask) as img:
-            mask_wh = img.size
-            if mask_wh != image_wh:
-                raise ValueError(f"mask {pair.mask} is {mask_wh[0]}x{mask_wh[1]} but its image "
-                                 f"{pair.image} is {image_wh[0]}x{image_wh[1]}; expected equal sizes")
-            img = img.convert("L")
-            if size is not None:
-                img = img.resize(size, Image.NEAREST)
-            # masks are 0/255; the threshold also absorbs stray compression noise
-            return np.asarray(img) > 127
-    except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"cannot read the pair {pair.image} / {pair.mask}: {err}") from err
+    """The pair's mask as (H, W) bool, checked against the image's size (``size`` = (W, H)).
+
+    Non-zero pixels are cracks (:func:`adcore.data.imageio.read_mask`), so 0/1 and 0/255
+    masks read alike; both files are read with their EXIF orientation applied.
+    """
+    image_wh = image_size(pair.image)
+    mask = read_mask(pair.mask)
+    mask_wh = (mask.shape[1], mask.shape[0])
+    if mask_wh != image_wh:
+        raise ValueError(f"mask {pair.mask} is {mask_wh[0]}x{mask_wh[1]} but its image "
+                         f"{pair.image} is {image_wh[0]}x{image_wh[1]}; expected equal sizes")
+    if size is not None:
+        mask = np.array(Image.fromarray(mask).resize(size, Image.NEAREST))  # writable copy
+    return mask
 
 
 def read_crack_pair(pair: CrackPair, scale: float | None = None,
@@ -152,7 +155,7 @@ def read_crack_pair(pair: CrackPair, scale: float | None = None,
         ValueError: unreadable files, or a mask of another size than its image.
     """
     mask = _read_mask(pair)
-    image = read_image(pair.image, None, channels)
+    image = load_image(pair.image, None, channels)
     if scale is not None:
         if not scale > 0:
             raise ValueError(f"scale={scale}: expected a positive factor")

@@ -19,10 +19,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
-__all__ = ["IMAGE_SUFFIXES", "MVTEC_CATEGORIES", "FolderDataset", "MVTecAD", "read_image", "read_mask"]
+from adcore.data.imageio import image_size as _native_size
+from adcore.data.imageio import read_image, read_mask
+
+__all__ = ["IMAGE_SUFFIXES", "MVTEC_CATEGORIES", "FolderDataset", "MVTecAD", "load_image", "load_mask"]
 
 MVTEC_CATEGORIES: tuple[str, ...] = (
     "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
@@ -35,15 +38,22 @@ LAYOUT = ("<category>/train/good/*.png, <category>/test/<defect>/*.png, "
 
 
 def _list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    # hidden files (macOS "._name.png" metadata, editors' backups) are not images of the set
+    return sorted(p for p in folder.iterdir()
+                  if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())
 
 
-def read_image(path: str | os.PathLike, image_size: int | None = None,
+def _visible_dirs(folder: Path) -> list[Path]:
+    """Sub-folders, without hidden ones (``.ipynb_checkpoints``, ``.DS_Store`` folders...)."""
+    return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def load_image(path: str | os.PathLike, image_size: int | None = None,
                channels: int = 3) -> torch.Tensor:
-    """Read an image file as a float tensor.
+    """Read an image file (through :func:`adcore.data.imageio.read_image`) as a tensor.
 
     Args:
-        path: image file (PNG, JPEG, BMP, TIFF).
+        path: image file (PNG, JPEG, BMP, TIFF); EXIF orientation applied, 16-bit scaled.
         image_size: resize to (image_size, image_size) with antialiased bilinear filtering;
             None keeps the native size.
         channels: 3 (RGB; grey images are replicated) or 1 (luminance).
@@ -52,48 +62,34 @@ def read_image(path: str | os.PathLike, image_size: int | None = None,
         (channels, H, W) float32 in [0, 1].
 
     Raises:
-        ValueError: the file cannot be decoded as an image (the message names it), or
-            ``channels`` is not 1 or 3.
+        FileNotFoundError: no such file.
+        ValueError: the file cannot be decoded (the message names it), or ``channels`` is
+            not 1 or 3.
     """
     if channels not in (1, 3):
         raise ValueError(f"channels={channels}: expected 1 (grey) or 3 (RGB)")
-    try:
-        with Image.open(path) as img:
-            img = img.convert("RGB" if channels == 3 else "L")
-            if image_size is not None:
-                img = img.resize((image_size, image_size), Image.BILINEAR, reducing_gap=None)
-            array = np.asarray(img, dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"cannot read image {path}: {err}") from err
-    if array.ndim == 2:
-        array = array[None]
-    else:
-        array = array.transpose(2, 0, 1)
-    return torch.from_numpy(np.ascontiguousarray(array))
+    array = read_image(path, "RGB" if channels == 3 else "L")
+    image = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+    if image_size is not None and image.shape[1:] != (image_size, image_size):
+        # antialiased bilinear in float: PIL's filter (to ~1e-7), with no 8-bit rounding
+        image = torch.nn.functional.interpolate(image[None], size=(image_size, image_size),
+                                                mode="bilinear", antialias=True,
+                                                align_corners=False)[0].clamp_(0.0, 1.0)
+    return image
 
 
-def read_mask(path: str | os.PathLike, image_size: int | None = None) -> torch.Tensor:
-    """Read a binary mask (any non-zero pixel is anomalous): (1, H, W) float32 in {0, 1}.
+def load_mask(path: str | os.PathLike, image_size: int | None = None) -> torch.Tensor:
+    """Read a mask (through :func:`adcore.data.imageio.read_mask`: non-zero is defect).
 
     Resizing uses nearest-neighbour sampling, so the mask stays binary.
+
+    Returns:
+        (1, H, W) float32 in {0, 1}.
     """
-    try:
-        with Image.open(path) as img:
-            img = img.convert("L")
-            if image_size is not None:
-                img = img.resize((image_size, image_size), Image.NEAREST)
-            array = np.asarray(img) > 0
-    except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"cannot read mask {path}: {err}") from err
-    return torch.from_numpy(array.astype(np.float32))[None]
-
-
-def _native_size(path: Path) -> tuple[int, int]:
-    try:
-        with Image.open(path) as img:
-            return img.size
-    except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"cannot read image {path}: {err}") from err
+    mask = read_mask(path)
+    if image_size is not None:
+        mask = np.asarray(Image.fromarray(mask).resize((image_size, image_size), Image.NEAREST))
+    return torch.from_numpy(mask.astype(np.float32))[None]
 
 
 class FolderDataset(Dataset):
@@ -132,7 +128,7 @@ class FolderDataset(Dataset):
             raise FileNotFoundError(f"{self.path} has no '{split}' folder; expected the MVTec AD "
                                     f"layout {LAYOUT}")
         self.samples: list[tuple[Path, Path | None, str]] = []
-        defects = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
+        defects = [d.name for d in _visible_dirs(split_dir)]
         if split == "train" and defects != ["good"]:
             raise FileNotFoundError(f"{split_dir} should hold exactly one folder 'good', found "
                                     f"{defects or 'none'}; expected the layout {LAYOUT}")
@@ -159,7 +155,7 @@ class FolderDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image_path, mask_path, defect = self.samples[index]
-        image = read_image(image_path, self.image_size, self.channels)
+        image = load_image(image_path, self.image_size, self.channels)
         if mask_path is None:
             mask = torch.zeros((1, *image.shape[1:]))
         else:
@@ -169,7 +165,7 @@ class FolderDataset(Dataset):
                 if image_wh != mask_wh:
                     raise ValueError(f"mask {mask_path} is {mask_wh[0]}x{mask_wh[1]} but its image "
                                      f"{image_path} is {image_wh[0]}x{image_wh[1]}; expected equal sizes")
-            mask = read_mask(mask_path, self.image_size)
+            mask = load_mask(mask_path, self.image_size)
             if mask.shape[1:] != image.shape[1:]:
                 raise ValueError(f"mask {mask_path} has size {tuple(mask.shape[1:])} but its image "
                                  f"{image_path} has {tuple(image.shape[1:])}; expected equal sizes")
@@ -197,7 +193,7 @@ class MVTecAD(FolderDataset):
             raise FileNotFoundError(f"data root {root} does not exist; expected a folder holding "
                                     f"one folder per category in the layout {LAYOUT}")
         if not (root / category).is_dir():
-            found = sorted(d.name for d in root.iterdir() if (d / "train").is_dir())
+            found = [d.name for d in _visible_dirs(root) if (d / "train").is_dir()]
             raise FileNotFoundError(f"category {category!r} not found under {root}; categories "
                                     f"there: {found or 'none'} (MVTec AD has {', '.join(MVTEC_CATEGORIES)})")
         self.category = category

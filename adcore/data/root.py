@@ -1,7 +1,8 @@
 """Where data lives: one root for every data set, and the synthetic sets generated there once.
 
 The root is ``$ADCORE_DATA`` when set, else ``~/.cache/adcore`` (``$XDG_CACHE_HOME/adcore``
-when that is set). Real data sets go under it in their own folders (``mvtec_anomaly_detection``,
+when that is set). The project's shared read-only data (``../shared/data`` or
+``$ADCORE_SHARED_DATA``) is found by :func:`shared_data_dir`. Real data sets go under it in their own folders (``mvtec_anomaly_detection``,
 ``UCSDped1``, ``cifar-10-batches-py``); synthetic ones under ``synthetic/``.
 """
 
@@ -12,7 +13,10 @@ from pathlib import Path
 
 from adcore.data.synthetic import make_synthetic_dataset
 
-__all__ = ["data_root", "synthetic_dataset"]
+__all__ = ["SHARED_ENV_VAR", "data_root", "shared_data_dir", "synthetic_dataset"]
+
+#: names the project's shared data folder when it is not ``../shared/data`` beside the checkout
+SHARED_ENV_VAR = "ADCORE_SHARED_DATA"
 
 
 def data_root() -> Path:
@@ -22,6 +26,26 @@ def data_root() -> Path:
         return Path(env).expanduser()
     cache = os.environ.get("XDG_CACHE_HOME", "").strip()
     return (Path(cache).expanduser() if cache else Path.home() / ".cache") / "adcore"
+
+
+def shared_data_dir() -> Path | None:
+    """The project's shared data folder (read-only local sources), or None when absent.
+
+    ``$ADCORE_SHARED_DATA`` when set, else ``../shared/data`` beside the checkout (the folder
+    above the repository root).
+
+    Raises:
+        FileNotFoundError: ``ADCORE_SHARED_DATA`` names a folder that does not exist.
+    """
+    explicit = os.environ.get(SHARED_ENV_VAR, "").strip()
+    if explicit:
+        folder = Path(explicit).expanduser()
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{SHARED_ENV_VAR}={explicit!r} is not a folder; expected the "
+                                    "shared data folder (holding e.g. cifar10/cifar10-jpeg.zip)")
+        return folder
+    beside = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+    return beside if beside.is_dir() else None
 
 
 def synthetic_dataset(category: str, root: str | os.PathLike | None = None, *,

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from adcore.data.mvtec import read_image, read_mask
+from adcore.data.mvtec import load_image, load_mask
 
 __all__ = ["UCSDPed1", "find_ucsd_ped1"]
 
@@ -84,7 +84,7 @@ class UCSDPed1(Dataset):
         prefix = "Train" if split == "train" else "Test"
         split_dir = self.root / prefix
         pattern = re.compile(rf"^{prefix}(\d+)$")
-        clip_dirs = sorted(d for d in split_dir.iterdir() if d.is_dir() and pattern.match(d.name))
+        clip_dirs = sorted(d for d in split_dir.iterdir() if d.is_dir() and pattern.match(d.name))  # hidden names never match
         if clips is not None:
             wanted = set(clips)
             clip_dirs = [d for d in clip_dirs if int(pattern.match(d.name).group(1)) in wanted]
@@ -112,11 +112,11 @@ class UCSDPed1(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         frame, mask_path = self.samples[index]
-        image = read_image(frame, self.image_size, channels=1)
+        image = load_image(frame, self.image_size, channels=1)
         if mask_path is None:
             mask = torch.zeros_like(image)
         else:
-            mask = read_mask(mask_path, self.image_size)
+            mask = load_mask(mask_path, self.image_size)
             if mask.shape != image.shape:
                 raise ValueError(f"mask {mask_path} has size {tuple(mask.shape[1:])} but its frame "
                                  f"{frame} has {tuple(image.shape[1:])}; expected equal sizes")
