@@ -370,3 +370,12 @@ def test_read_only_root_is_refused_with_a_sentence(tmp_path: Path) -> None:
             ensure(resource, locked)
     finally:
         locked.chmod(0o755)
+
+
+@pytest.mark.parametrize("name, filename", [("../evil", "a.zip"), ("ok", "../a.zip"), ("", "a.zip")])
+def test_resource_names_cannot_leave_the_data_root(tmp_path: Path, name: str, filename: str) -> None:
+    resource = Resource(name=name, url="http://127.0.0.1:1/a.zip", sha256="a" * 64,
+                        filename=filename)
+    with pytest.raises(ValueError, match="expected a plain file or folder name"):
+        ensure(resource, tmp_path / "data")
+    assert not (tmp_path / "evil").exists() and not (tmp_path / "a.zip").exists()

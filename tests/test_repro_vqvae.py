@@ -109,6 +109,9 @@ def test_cifar10_run_is_image_level(tmp_path):
 
 
 def test_run_tables_skips_absent_data(tmp_path, monkeypatch, capsys):
+    # no shared data folder either: read_cifar10 would otherwise extract the shared archive
+    (tmp_path / "no-shared").mkdir()
+    monkeypatch.setenv("ADCORE_SHARED_DATA", str(tmp_path / "no-shared"))
     calls = []
 
     def fake_run(args):

@@ -216,11 +216,15 @@ def fetch(url: str, dest: str | os.PathLike, sha256: str | None, *, md5: str | N
 
 
 def _lookup(resource: str | Resource) -> Resource:
-    if isinstance(resource, Resource):
-        return resource
-    if resource not in REGISTRY:
-        raise ValueError(f"unknown resource {resource!r}; known: {sorted(REGISTRY)}")
-    return REGISTRY[resource]
+    if not isinstance(resource, Resource):
+        if resource not in REGISTRY:
+            raise ValueError(f"unknown resource {resource!r}; known: {sorted(REGISTRY)}")
+        resource = REGISTRY[resource]
+    for what, value in (("name", resource.name), ("filename", resource.filename)):
+        # both become paths under the data root: a separator or '..' would leave it
+        if not value or value in (".", "..") or "/" in value or "\\" in value:
+            raise ValueError(f"resource {what}={value!r}; expected a plain file or folder name")
+    return resource
 
 
 def local_candidates(resource: str | Resource) -> list[Path]:
