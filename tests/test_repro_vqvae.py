@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from adcore.__main__ import main
 from adcore.repro import vqvae as runner
@@ -201,3 +202,19 @@ def test_results_table_reads_only_measured_files(tmp_path):
         runner.results_table(tmp_path, 4)
     with pytest.raises(ValueError, match="metric='f1'"):
         runner.results_table(tmp_path, 1, "f1")
+
+
+def test_cpu_runs_of_cifar_take_the_cpu_model_and_say_so(tmp_path, monkeypatch):
+    monkeypatch.delenv("ADCORE_FAST", raising=False)
+    args = _args(tmp_path, dataset="cifar10", fast=False)
+    on_gpu = runner.resolve_settings(args, torch.device("cuda"))
+    on_cpu = runner.resolve_settings(args, torch.device("cpu"))
+    assert on_gpu["preset"] == "paper" and on_gpu["model"].hidden_channels == 256
+    assert on_gpu["model"].codebook_size == 512 and on_gpu["model"].embedding_dim == 256
+    assert on_cpu["preset"] == "cpu" and on_cpu["model"].hidden_channels == 32
+    assert on_cpu["model"].n_down == 2 and on_cpu["model"].image_size == 32
+    synthetic = runner.resolve_settings(_args(tmp_path, dataset="synthetic", fast=False),
+                                        torch.device("cpu"))
+    assert synthetic["preset"] == "paper"  # already CPU-sized: no CPU overrides
+    assert runner.resolve_settings(_args(tmp_path, dataset="cifar10", fast=True),
+                                   torch.device("cpu"))["preset"] == "fast"

@@ -375,11 +375,16 @@ def _device_name(device: str | torch.device) -> str:
     return f"cpu ({_cpu_model()}, {os.cpu_count()} cores)"
 
 
-def provenance(device: str | torch.device, train_seconds: float, eval_seconds: float) -> dict[str, Any]:
-    """Where and when a result was measured: package version, git commit, device, torch, date, times."""
+def provenance(device: str | torch.device, train_seconds: float, eval_seconds: float,
+               git_commit: str | None = None) -> dict[str, Any]:
+    """Where and when a result was measured: package version, git commit, device, torch, date, times.
+
+    ``git_commit`` is the commit of the code that ran (read when the run started: the checkout
+    may move on during a long run); None reads it now.
+    """
     return {
         "version": adcore.__version__,
-        "git_commit": _git_commit(),
+        "git_commit": git_commit or _git_commit(),
         "device": _device_name(device),
         "torch": torch.__version__,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -391,7 +396,8 @@ def provenance(device: str | torch.device, train_seconds: float, eval_seconds: f
 def write_result(out: str | os.PathLike, *, metrics: dict[str, float | None],
                  config: dict[str, Any], device: str | torch.device, train_seconds: float,
                  eval_seconds: float, variants: dict[str, dict[str, float | None]] | None = None,
-                 force: bool = False, resumed_from_epoch: int | None = None) -> Path:
+                 force: bool = False, resumed_from_epoch: int | None = None,
+                 git_commit: str | None = None) -> Path:
     """Write the result JSON atomically; refuse to replace an existing file unless ``force``.
 
     Without ``force`` the file is published by a hard link, so a file another writer created
@@ -419,7 +425,7 @@ def write_result(out: str | os.PathLike, *, metrics: dict[str, float | None],
     result: dict[str, Any] = {
         "metrics": plain(metrics),
         "config": config,
-        "provenance": provenance(device, train_seconds, eval_seconds),
+        "provenance": provenance(device, train_seconds, eval_seconds, git_commit),
     }
     if resumed_from_epoch:
         result["provenance"]["resumed_from_epoch"] = int(resumed_from_epoch)
@@ -489,10 +495,12 @@ def run_method(args: ReproArgs) -> Path:
 
         load_checkpoint(checkpoint, restore_rng=False)
     module = importlib.import_module(METHODS[args.method])
+    commit = _git_commit()  # the code that runs, whatever the checkout becomes meanwhile
     result = module.run(args)
     out = write_result(args.out, metrics=result["metrics"], config=result["config"],
                        device=result["device"], train_seconds=result["train_seconds"],
                        eval_seconds=result["eval_seconds"], variants=result.get("variants"),
-                       force=args.force, resumed_from_epoch=result.get("resumed_from_epoch"))
+                       force=args.force, resumed_from_epoch=result.get("resumed_from_epoch"),
+                       git_commit=commit)
     checkpoint.unlink(missing_ok=True)  # the run is complete: nothing to resume
     return out

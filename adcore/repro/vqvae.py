@@ -124,15 +124,30 @@ _FAST: dict[str, dict[str, Any]] = {
                 "train": {"epochs": 1, "batch_size": 64, "lr": 2e-3, "compile": False}},
 }
 
+#: overrides of a standard (not ``--fast``) run on a CPU, where the paper's model does not fit
+#: the budget: CIFAR-10's model costs 0.9-3.7 s per step of 64 images on this book's 2-core
+#: machine, hours per class. The CPU model is the largest that runs the whole Table 3
+#: (10 classes x 3 seeds) in about two hours there (``benchmarks/RESULTS.md``, chapter 5); on a
+#: GPU the paper's model runs. The result file records which (``config.preset``).
+_CPU: dict[str, dict[str, Any]] = {
+    "cifar10": {"model": {"hidden_channels": 32, "embedding_dim": 32, "codebook_size": 128},
+                "train": {"epochs": 30}},
+}
+
 _DEFAULT_CATEGORY = {"synthetic": "concrete", "mvtec": "tile", "cifar10": "airplane"}
 
 
-def resolve_settings(args: ReproArgs) -> dict[str, Any]:
-    """Every setting of a run: the data set's preset, ``--fast`` overrides, then the CLI's.
+def resolve_settings(args: ReproArgs, device: torch.device | None = None) -> dict[str, Any]:
+    """Every setting of a run: the data set's preset, ``--fast`` or CPU overrides, then the CLI's.
+
+    Args:
+        args: the runner's arguments.
+        device: where the run trains; on a CPU a standard run takes the CPU-sized model of
+            :data:`_CPU` where the data set has one (None: the paper's settings).
 
     Returns:
         ``{"model": VQVAEConfig, "train": VQVAETrainConfig, "maps": MapConfig, "data": {...},
-        "category": str | None, "fast": bool}``.
+        "category": str | None, "fast": bool, "preset": "paper" | "cpu" | "fast"}``.
 
     Raises:
         ValueError: an unknown data set (the valid ones are listed) or invalid values.
@@ -142,9 +157,11 @@ def resolve_settings(args: ReproArgs) -> dict[str, Any]:
                          f"{', '.join(DATASETS)}")
     fast = bool(args.fast or fast_mode())
     preset = {part: dict(values) for part, values in _STANDARD[args.dataset].items()}
-    if fast:
-        for part, values in _FAST[args.dataset].items():
-            preset.setdefault(part, {}).update(values)
+    on_cpu = device is not None and torch.device(device).type == "cpu"
+    name = "fast" if fast else "cpu" if on_cpu and args.dataset in _CPU else "paper"
+    overrides = _FAST[args.dataset] if fast else _CPU.get(args.dataset, {}) if on_cpu else {}
+    for part, values in overrides.items():
+        preset.setdefault(part, {}).update(values)
     model = dict(preset["model"])
     if args.image_size is not None:
         model["image_size"] = args.image_size
@@ -154,7 +171,8 @@ def resolve_settings(args: ReproArgs) -> dict[str, Any]:
     maps = dict(preset.get("maps", {}))
     return {"model": VQVAEConfig(**model), "train": VQVAETrainConfig(**train),
             "maps": MapConfig(**maps), "data": dict(preset.get("data", {})),
-            "category": args.category or _DEFAULT_CATEGORY.get(args.dataset), "fast": fast}
+            "category": args.category or _DEFAULT_CATEGORY.get(args.dataset), "fast": fast,
+            "preset": name}
 
 
 def _datasets(args: ReproArgs, settings: dict[str, Any]) -> tuple[Any, Any]:
@@ -236,8 +254,8 @@ def run(args: ReproArgs) -> dict[str, Any]:
         ValueError: unknown data set or category, images that do not fit the model.
         FileNotFoundError: the data is missing (the message names what was expected).
     """
-    settings = resolve_settings(args)
     device = resolve_device(args)
+    settings = resolve_settings(args, device)
     seed_everything(args.seed)
     train_set, test_set = _datasets(args, settings)
     images = images_to_tensor(train_set)
@@ -276,6 +294,7 @@ def run(args: ReproArgs) -> dict[str, Any]:
         "category": settings["category"],
         "root": str(args.root) if args.root else None,
         "fast": settings["fast"],
+        "preset": settings["preset"],
         "seed": args.seed,
         "main_variant": MAIN_VARIANT,
         "model": settings["model"].to_dict(),
