@@ -11,7 +11,7 @@ import importlib
 import sys
 from pathlib import Path
 
-from adcore.repro.common import DATASETS, METHODS, ReproArgs, run_method
+from adcore.repro.common import DATASETS, METHODS, ReproArgs, results_dir, run_method
 
 LOSSES = ("none", "boundary", "cl", "likelihood", "fusion")
 
@@ -47,7 +47,9 @@ def _parser() -> argparse.ArgumentParser:
 
     tables = sub.add_parser("tables", help="run a paper's tables for the data that is present")
     tables.add_argument("name", choices=sorted(METHODS))
-    tables.add_argument("--results-dir", type=Path, default=Path("book/results"))
+    tables.add_argument("--results-dir", type=Path, default=None,
+                        help="where result files go (default: the package's results folder, "
+                             "which the chapters read, or $ADCORE_RESULTS)")
     tables.add_argument("--root", type=Path, default=None)
     tables.add_argument("--device", default=None)
     tables.add_argument("--fast", action="store_true")
@@ -66,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {out}")
         else:
             module = importlib.import_module(METHODS[args.name])
+            if args.results_dir is None:
+                args.results_dir = results_dir()
             written = module.run_tables(args.results_dir, args.root, args.device, args.fast)
             print(f"wrote {len(written)} result file(s) into {args.results_dir}")
     except (ValueError, FileNotFoundError, FileExistsError) as err:

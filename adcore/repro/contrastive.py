@@ -324,7 +324,7 @@ def results_table(results_dir: str | Path) -> list[dict[str, Any]]:
     live in their own key and never fill a measured cell.
 
     Args:
-        results_dir: the folder of result files (``book/results``).
+        results_dir: the folder of result files (``adcore.repro.results_dir()``).
 
     Returns:
         One dict per loss: ``loss``, ``paper`` (column -> (pixel AUROC, pixel AUPRO) in %),
@@ -380,7 +380,7 @@ def run_table1(results_dir: str | Path, root: str | Path | None = None,
     each column whose data is absent (RDG and Lingo are private).
 
     Args:
-        results_dir: where to write (``book/results``).
+        results_dir: where to write (``adcore.repro.results_dir()``).
         root: the MVTec AD folder (default: under the data root); crack data are found by
             :func:`adcore.data.cracks.crack_root`.
         device: ``cpu``, ``cuda`` ... (default: automatic).
