@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from adcore.losses import FLOW_LOSS_KINDS, MASK_RULES
-from adcore.repro.common import DATASETS, METHODS, ReproArgs, run_method
+from adcore.repro.common import DATASETS, METHODS, ReproArgs, results_dir, run_method
 from adcore.train.contrastive import FUSION_WEIGHTS
 
 LOSSES = ("none", "boundary", "cl", "likelihood", "fusion")
@@ -69,7 +69,9 @@ def _parser() -> argparse.ArgumentParser:
 
     tables = sub.add_parser("tables", help="run a paper's tables for the data that is present")
     tables.add_argument("name", choices=sorted(METHODS))
-    tables.add_argument("--results-dir", type=Path, default=Path("book/results"))
+    tables.add_argument("--results-dir", type=Path, default=None,
+                        help="where result files go (default: the package's results folder, "
+                             "which the chapters read, or $ADCORE_RESULTS)")
     tables.add_argument("--root", type=Path, default=None)
     tables.add_argument("--device", default=None)
     tables.add_argument("--fast", action="store_true")
@@ -112,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {out}")
         else:
             module = importlib.import_module(METHODS[args.name])
+            if args.results_dir is None:
+                args.results_dir = results_dir()
             extra = ({"datasets": tuple(args.datasets) if args.datasets else None}
                      if args.name == "vqvae" else {"epochs": args.epochs})
             written = module.run_tables(args.results_dir, args.root, args.device, args.fast,

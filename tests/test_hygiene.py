@@ -34,6 +34,7 @@ def _toc_files() -> list[str]:
 
 
 NOTEBOOKS = sorted((ROOT / "book").glob("*.ipynb"))
+CHAPTERS = sorted((ROOT / "book").glob("[0-9][0-9]_*.ipynb"))
 
 
 def test_toc_and_notebooks_match() -> None:
@@ -108,10 +109,10 @@ def test_notebook_follows_the_chapter_template(path: Path) -> None:
     for phrase in ("What you will do", "What you will learn", "What you need"):
         assert phrase in markdown, f"{path.name}: the opening admonition lacks {phrase!r}"
     assert 'os.environ.get("ADCORE_FAST") == "1"' in code, f"{path.name}: no FAST switch"
-    assert "google.colab" in code, f"{path.name}: no Colab install cell"
     for heading in ("## Summary", "## Exercises", "## Further reading"):
         assert heading in markdown, f"{path.name}: missing {heading!r}"
     assert 2 <= markdown.count("{exercise}") <= 4, f"{path.name}: 2–4 exercises expected"
+    assert markdown.count("{hint}") == markdown.count("{exercise}"), f"{path.name}: one hint per exercise"
     solutions = markdown.count("{solution}") + markdown.count("{solution-start}")
     assert solutions == markdown.count("{exercise}"), f"{path.name}: one solution per exercise"
     assert "{cite" in markdown, f"{path.name}: no citation"
@@ -145,3 +146,46 @@ def test_nothing_forbidden_is_tracked() -> None:
            if f.startswith(("_build/", ".venv/", "data/")) or
            re.search(r"\.(pth|pt|ckpt|npz|tar|tar\.gz|tar\.xz|zip|mat)$", f)]
     assert not bad, f"data, checkpoints or build output are tracked: {bad[:10]}"
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
+def test_chapter_installs_first_then_imports(path: Path) -> None:
+    """The first code cell is the install cell that tests/nbtools.py writes from _config.yml."""
+    from nbtools import INSTALL_TAGS, install_cell_source
+
+    cells = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+    first = cells[0]
+    assert "".join(first["source"]) == install_cell_source(), (
+        f"{path.name}: the first code cell is not the install cell of _config.yml's repository; "
+        "run `python tests/nbtools.py install-cell book/NN_*.ipynb`")
+    assert first["metadata"].get("tags") == INSTALL_TAGS, f"{path.name}: install cell tags"
+    later = "\n".join("".join(c["source"]) for c in cells[1:])
+    assert "pip install" not in later and "google.colab" not in later, (
+        f"{path.name}: a later cell installs packages; the install cell is the one place")
+    assert not re.search(r"Path\.cwd\(\)\s*/\s*\"results\"", later), (
+        f"{path.name} reads results from the working directory; use adcore.repro.results_dir()")
+
+
+def test_repository_address_is_set_in_config_only() -> None:
+    """The book's address lives in _config.yml; the install cells are written from it."""
+    from nbtools import INSTALL_MARK, repository
+
+    url, _ = repository(ROOT / "_config.yml")
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout
+    if not tracked:
+        pytest.skip("not a git checkout")
+    elsewhere = []
+    for name in tracked.splitlines():
+        path = ROOT / name
+        if name == "_config.yml" or not path.is_file() or path.suffix not in {
+                ".md", ".py", ".toml", ".txt", ".yml", ".yaml", ".cfg", ".ipynb"}:
+            continue
+        if path.suffix == ".ipynb":  # the install cells carry it, written from _config.yml
+            cells = json.loads(path.read_text())["cells"]
+            text = json.dumps([c for c in cells if not "".join(c["source"]).startswith(INSTALL_MARK)])
+            text = text.replace("\\/", "/")
+        else:
+            text = path.read_text(errors="replace")
+        if url in text:
+            elsewhere.append(name)
+    assert not elsewhere, f"the repository address {url} is repeated outside _config.yml: {elsewhere}"

@@ -33,7 +33,8 @@ def _pages() -> list[Path]:
 def _chromium() -> str:
     path = os.environ.get("ADCORE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
     if not path:
-        pytest.fail("Chromium not found: install Debian's 'chromium' (.ci/run does) or set ADCORE_CHROMIUM")
+        pytest.fail("Chromium not found: install Debian's 'chromium' (`make chromium` does) "
+                    "or set ADCORE_CHROMIUM")
     return path
 
 
@@ -46,7 +47,9 @@ CHECK_PAGE = """() => {
   const traceback = text.includes('Traceback (most recent call last)');
   const mathErrors = [...document.querySelectorAll('mjx-merror')].map(e => e.textContent);
   const images = document.images.length;
-  return {broken, errors, traceback, mathErrors, images, title: document.title};
+  const math = document.querySelectorAll('.math').length;
+  const typeset = document.querySelectorAll('mjx-container').length;
+  return {broken, errors, traceback, mathErrors, images, math, typeset, title: document.title};
 }"""
 
 
@@ -77,3 +80,7 @@ def test_page_renders_cleanly(browser, page_path: Path) -> None:
     assert not report["errors"], f"{page_path.name}: error outputs {report['errors']}"
     assert not report["traceback"], f"{page_path.name} shows a Python traceback"
     assert not report["mathErrors"], f"{page_path.name}: MathJax errors {report['mathErrors']}"
+    # offline, only the local MathJax (make book, make book-check) typesets: TeX source otherwise
+    assert not report["math"] or report["typeset"], (
+        f"{page_path.name}: {report['math']} equations left as TeX source (no MathJax offline: "
+        "build with `make book` or `make book-check`, which fetch it from the npm registry)")

@@ -5,6 +5,13 @@ Each method lives in its own module (``adcore.repro.vqvae``, ``adcore.repro.cflo
 :mod:`adcore.repro.common` holds what they share (datasets, evaluation, the JSON contract).
 """
 
-from adcore.repro.common import METHODS, ReproArgs, provenance, run_method, write_result
+from adcore.repro.common import (
+    METHODS,
+    ReproArgs,
+    provenance,
+    results_dir,
+    run_method,
+    write_result,
+)
 
-__all__ = ["METHODS", "ReproArgs", "provenance", "run_method", "write_result"]
+__all__ = ["METHODS", "ReproArgs", "provenance", "results_dir", "run_method", "write_result"]

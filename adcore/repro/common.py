@@ -46,8 +46,10 @@ __all__ = [
     "load_datasets",
     "mean_image_metrics",
     "provenance",
+    "installed_commit",
     "read_result",
     "resolve_device",
+    "results_dir",
     "run_identity",
     "seed_stats",
     "run_method",
@@ -347,11 +349,16 @@ def _git_commit() -> str:
     if os.environ.get("ADCORE_GIT_COMMIT"):
         return os.environ["ADCORE_GIT_COMMIT"]
     repo = Path(__file__).resolve().parents[2]
+    if not (repo / ".git").exists() or not (repo / "pyproject.toml").is_file():
+        # An installed copy: git would describe whatever repository encloses site-packages.
+        return installed_commit()
     try:
         out = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
                              text=True, timeout=10, check=True).stdout.strip()
-        # The package's own files decide: an edited or not-yet-committed module makes it dirty.
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--", "adcore"],
+        # The package's own files decide: an edited or not-yet-committed module makes it dirty
+        # (its result files do not: a table's earlier runs must not mark its later ones).
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--", "adcore",
+                                ":(exclude)adcore/results"],
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return out + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
@@ -504,3 +511,45 @@ def run_method(args: ReproArgs) -> Path:
                        git_commit=commit)
     checkpoint.unlink(missing_ok=True)  # the run is complete: nothing to resume
     return out
+
+
+#: written into the package by the build (setup.py) from the checkout it was built from
+COMMIT_FILE = "_commit.txt"
+#: environment variable naming another folder of result files (chapters and ``tables``)
+RESULTS_ENV = "ADCORE_RESULTS"
+
+
+def installed_commit() -> str:
+    """The commit an installed copy of adcore was built from, else ``"unknown"``.
+
+    The build records it in ``adcore/_commit.txt``; a copy installed by pip from a VCS URL
+    (``pip install git+https://...``) also names it in its metadata (PEP 610 ``direct_url.json``).
+    """
+    recorded = Path(adcore.__file__).resolve().parent / COMMIT_FILE
+    try:
+        commit = recorded.read_text().strip()
+    except OSError:
+        commit = ""
+    if commit:
+        return commit
+    try:
+        from importlib import metadata
+
+        direct = metadata.distribution("adcore").read_text("direct_url.json")
+        commit = json.loads(direct or "{}").get("vcs_info", {}).get("commit_id", "")
+    except (metadata.PackageNotFoundError, ValueError, AttributeError):
+        commit = ""
+    return commit or "unknown"
+
+
+def results_dir() -> Path:
+    """The folder of the measured result files the chapters read and ``tables`` writes.
+
+    ``$ADCORE_RESULTS`` when set; else ``adcore/results``, the package data that travels with
+    every installed copy (a source checkout, a wheel, Colab), so no chapter depends on its
+    working directory. The folder may be missing or empty: readers then say "not run".
+    """
+    explicit = os.environ.get(RESULTS_ENV, "").strip()
+    if explicit:
+        return Path(explicit).expanduser()
+    return Path(adcore.__file__).resolve().parent / "results"

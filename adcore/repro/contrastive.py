@@ -362,7 +362,7 @@ def results_table(results_dir: str | Path, variant: dict[str, str] | None = None
     more recent). The paper's values live in their own key and never fill a measured cell.
 
     Args:
-        results_dir: the folder of result files (``book/results``).
+        results_dir: the folder of result files (``adcore.repro.results_dir()``).
         variant: the training variant to show (keys of :data:`DEFAULT_VARIANT`; missing keys
             take the default).
 
@@ -468,7 +468,7 @@ def run_table1(results_dir: str | Path, root: str | Path | None = None,
     column whose data is absent (RDG and Lingo are private).
 
     Args:
-        results_dir: where to write (``book/results``).
+        results_dir: where to write (``adcore.repro.results_dir()``).
         root: the MVTec AD folder (default: under the data root); crack data are found by
             :func:`adcore.data.cracks.crack_root`.
         device: ``cpu``, ``cuda`` ... (default: automatic).

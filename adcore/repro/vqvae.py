@@ -361,7 +361,7 @@ def run_tables(results_dir: Path, root: Path | None, device: str | None,
     call runs exactly the missing cells.
 
     Args:
-        results_dir: where result files go (``book/results``).
+        results_dir: where result files go (``adcore.repro.results_dir()``).
         root: the data root (default :func:`adcore.data.data_root`).
         device: ``--device`` for every run.
         fast: CI-sized runs.
@@ -466,7 +466,7 @@ def results_table(results_dir: str | Path, table: int | str, metric: str | None 
     fill a measured cell.
 
     Args:
-        results_dir: folder of the result files (``book/results``).
+        results_dir: folder of the result files (``adcore.repro.results_dir()``).
         table: 1 (MVTec AD), 2 (UCSD Ped1), 3 (CIFAR-10) or ``"synthetic"``.
         metric: the measured metric; by default the paper's (pixel AUROC in the authors'
             per-image convention for tables 1–2 and synthetic, image AUROC for table 3).
