@@ -107,6 +107,12 @@ def test_cifar10_run_is_image_level(tmp_path):
     assert 0.0 <= result["metrics"]["image_auroc"] <= 1.0
     assert result["metrics"]["pixel_auroc"] is None and result["metrics"]["pixel_aupro"] is None
     assert result["config"]["data"]["n_test_images"] == 20
+    ends = result["config"]["summary"]["extremes"]  # the paper's Fig. 4
+    normal, anomalous = ends["most_normal"], ends["most_anomalous"]
+    assert len(normal) == len(anomalous) == runner.N_EXTREMES
+    assert [e["score"] for e in normal] == sorted(e["score"] for e in normal)
+    assert normal[0]["score"] <= anomalous[-1]["score"] <= anomalous[0]["score"]
+    assert {"index", "score", "label", "path", "class"} <= set(normal[0])
 
 
 def test_run_tables_skips_absent_data(tmp_path, monkeypatch, capsys):

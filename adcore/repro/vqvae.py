@@ -60,6 +60,7 @@ __all__ = [
     "PAPER_TABLE2",
     "PAPER_TABLE3",
     "evaluate_model",
+    "extremes",
     "TABLE_VARIANTS",
     "load_results",
     "resolve_settings",
@@ -199,7 +200,9 @@ def _checkpoint_path(args: ReproArgs) -> Path:
 
 @torch.no_grad()
 def evaluate_model(model: VQVAE, test_set: Any, map_config: MapConfig, device: torch.device, *,
-                   pixel_level: bool = True, batch_size: int = 32) -> dict[str, dict[str, float | None]]:
+                   pixel_level: bool = True, batch_size: int = 32,
+                   scores_out: dict[str, torch.Tensor] | None = None,
+                   ) -> dict[str, dict[str, float | None]]:
     """Metrics of the three map variants (``ssim``, ``am``, ``ssim+am``) on a test set.
 
     Args:
@@ -209,6 +212,7 @@ def evaluate_model(model: VQVAE, test_set: Any, map_config: MapConfig, device: t
         device: where the model runs.
         pixel_level: False for image-level data sets (CIFAR-10): pixel metrics are None.
         batch_size: test images per forward pass.
+        scores_out: if given, receives each variant's (N,) image scores, in test-set order.
 
     Returns:
         variant -> the four metrics of the contract (image AUROC from the mean of the map).
@@ -230,6 +234,8 @@ def evaluate_model(model: VQVAE, test_set: Any, map_config: MapConfig, device: t
     for variant, parts in maps.items():
         stacked = torch.cat(parts)
         scores = image_scores(stacked)
+        if scores_out is not None:
+            scores_out[variant] = scores
         if pixel_level:
             metrics[variant] = evaluate(stacked, all_masks, scores, all_labels)
         else:
@@ -238,6 +244,37 @@ def evaluate_model(model: VQVAE, test_set: Any, map_config: MapConfig, device: t
             metrics[variant] = {k: None for k in METRIC_KEYS}
             metrics[variant]["image_auroc"] = adm.image_auroc(scores, all_labels)
     return metrics
+
+
+#: test images kept at each end of the ranking of image-level runs (the paper's Fig. 4)
+N_EXTREMES = 8
+
+
+def extremes(scores: torch.Tensor, test_set: Any, count: int = N_EXTREMES) -> dict[str, list]:
+    """The most normal and most anomalous test images by score (the paper's Fig. 4).
+
+    Args:
+        scores: (N,) image scores in test-set order.
+        test_set: items with ``label`` and, if it has them, ``path`` and ``defect``.
+        count: images at each end.
+
+    Returns:
+        ``{"most_normal": [...], "most_anomalous": [...]}``, each a list of dicts with
+        ``index``, ``score``, ``label`` and, when the items have them, ``path`` and ``class``.
+    """
+    order = torch.argsort(scores)
+
+    def describe(index: int) -> dict[str, Any]:
+        item = test_set[index]
+        entry = {"index": index, "score": float(scores[index]), "label": int(item["label"])}
+        if "path" in item:
+            entry["path"] = str(Path(str(item["path"])).name)
+        if "defect" in item:
+            entry["class"] = item["defect"]
+        return entry
+
+    return {"most_normal": [describe(int(i)) for i in order[:count]],
+            "most_anomalous": [describe(int(i)) for i in order.flip(0)[:count]]}
 
 
 def run(args: ReproArgs) -> dict[str, Any]:
@@ -279,9 +316,10 @@ def run(args: ReproArgs) -> dict[str, Any]:
                           checkpoint=_checkpoint_path(args), identity=identity)
     train_seconds = history.total_seconds
     began = time.perf_counter()
+    scores: dict[str, torch.Tensor] = {}
     variants = evaluate_model(model, test_set, settings["maps"], device,
                               pixel_level=args.dataset != "cifar10",
-                              batch_size=max(8, train_config.batch_size))
+                              batch_size=max(8, train_config.batch_size), scores_out=scores)
     map_config: MapConfig = settings["maps"]
     # The baseline with the SM's post-processing: the SSIM window's averaging, its dilation.
     variants["mean_image"] = mean_image_metrics(
@@ -309,6 +347,9 @@ def run(args: ReproArgs) -> dict[str, Any]:
             # codewords no training image's latent position chooses (codebook collapse)
             "dead_codewords": int((codeword_counts(model, images) == 0).sum()),
             "codeword_resets": history.resets,
+            # image-level data: the ends of the SSIM+AM ranking (the paper's Fig. 4)
+            "extremes": (extremes(scores[MAIN_VARIANT], test_set)
+                         if args.dataset == "cifar10" else None),
             "images_per_second": round(history.images_per_second, 1),
         },
     }
