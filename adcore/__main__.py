@@ -12,9 +12,14 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from adcore.losses import FLOW_LOSS_KINDS, MASK_RULES
-from adcore.repro.common import DATASETS, METHODS, ReproArgs, run_method
-from adcore.train.contrastive import FUSION_WEIGHTS
+from adcore._env import configure_at_startup, configure_threads, threads_setting
+
+# Threads and OpenMP's wait policy before torch loads (the imports below load it).
+configure_at_startup(sys.argv[1:])
+
+from adcore.losses import FLOW_LOSS_KINDS, MASK_RULES  # noqa: E402
+from adcore.repro.common import DATASETS, METHODS, ReproArgs, run_method  # noqa: E402
+from adcore.train.contrastive import FUSION_WEIGHTS  # noqa: E402
 
 LOSSES = ("none", "boundary", "cl", "likelihood", "fusion")
 
@@ -28,7 +33,11 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m adcore",
-                     description="adcore: reproduction runs of the book.")
+                     description="adcore: reproduction runs of the book. OpenMP threads "
+                                 "sleep when idle (OMP_WAIT_POLICY=PASSIVE unless set).")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="CPU threads of torch (default: $ADCORE_THREADS, else "
+                             "$OMP_NUM_THREADS, else one per core)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     repro = sub.add_parser("repro", help="train and evaluate one method on one data set",
@@ -106,8 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = _parser().parse_args(argv)
     try:
+        threads = threads_setting(sys.argv[1:] if argv is None else argv)
+        if threads is not None:  # also for main() called where torch is already loaded
+            configure_threads(threads)
         if args.command == "repro":
-            fields = {k: v for k, v in vars(args).items() if k != "command"}
+            fields = {k: v for k, v in vars(args).items() if k not in ("command", "threads")}
             out = run_method(ReproArgs(**fields))
             print(f"wrote {out}")
         else:
