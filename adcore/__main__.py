@@ -19,6 +19,7 @@ configure_at_startup(sys.argv[1:])
 
 from adcore.losses import FLOW_LOSS_KINDS, MASK_RULES  # noqa: E402
 from adcore.repro.common import DATASETS, METHODS, ReproArgs, run_method  # noqa: E402
+from adcore.sweep import add_sweep_parser, run_sweep  # noqa: E402
 from adcore.train.contrastive import FUSION_WEIGHTS  # noqa: E402
 
 LOSSES = ("none", "boundary", "cl", "likelihood", "fusion")
@@ -89,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
                              "shorter runs keep the schedule's fractions)")
     tables.add_argument("--dataset", dest="datasets", nargs="+", default=None,
                         help="only these data sets (vqvae: synthetic mvtec ucsd-ped1 cifar10)")
+    add_sweep_parser(sub, repro)
     return parser
 
 
@@ -122,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
             fields = {k: v for k, v in vars(args).items() if k not in ("command", "threads")}
             out = run_method(ReproArgs(**fields))
             print(f"wrote {out}")
+        elif args.command == "sweep":
+            run_sweep(args.manifest, args.out_dir, args.repro_parser, executor=args.executor,
+                      jobs=args.jobs)
         else:
             module = importlib.import_module(METHODS[args.name])
             extra = ({"datasets": tuple(args.datasets) if args.datasets else None}
