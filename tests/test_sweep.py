@@ -248,3 +248,26 @@ def test_slurm_without_submitit_says_what_to_install(tmp_path, monkeypatch, caps
     assert main(["sweep", str(manifest), "--executor", "slurm",
                  "--out-dir", str(tmp_path / "out")]) == 2
     assert "pip install 'adcore[cluster]'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ runs sharing data
+def test_concurrent_generation_of_one_data_set_keeps_the_first(tmp_path, monkeypatch) -> None:
+    """Two runs of a sweep may generate the same synthetic set at once: the one finishing
+    second must not replace the folder the first is already reading."""
+    import adcore.data.synthetic as synthetic
+
+    kwargs = {"n_train": 1, "n_test": 5, "image_size": 32, "seed": 0}
+    original = synthetic._save_png
+    state = {"nested": False}
+
+    def save_while_another_run_finishes(*args, **kw):
+        if not state["nested"]:  # the other run generates and publishes the set meanwhile
+            state["nested"] = True
+            synthetic.make_synthetic_dataset(tmp_path, "concrete", **kwargs)
+            state["first"] = (tmp_path / "concrete").stat().st_ino
+        return original(*args, **kw)
+
+    monkeypatch.setattr(synthetic, "_save_png", save_while_another_run_finishes)
+    folder = synthetic.make_synthetic_dataset(tmp_path, "concrete", **kwargs)
+    assert folder.stat().st_ino == state["first"]  # the first published folder stayed
+    assert [p.name for p in tmp_path.iterdir()] == ["concrete"]  # no temporary left
