@@ -1,7 +1,9 @@
-"""Command line: ``python -m adcore repro METHOD --dataset D --out FILE.json`` and ``python -m adcore tables NAME``.
+"""Command line: ``python -m adcore repro METHOD --dataset D --out FILE.json``, ``python -m adcore tables NAME``
+and ``python -m adcore sweep MANIFEST.toml --out-dir DIR`` (:mod:`adcore.sweep`).
 
 Run ``python -m adcore repro --help`` for every option. The result file follows the contract
-of :mod:`adcore.repro.common`.
+of :mod:`adcore.repro.common`. Before torch loads, OpenMP's idle threads are set to sleep and
+the global ``--threads N`` (or ``ADCORE_THREADS``) sets the thread count (:mod:`adcore._env`).
 """
 
 from __future__ import annotations
