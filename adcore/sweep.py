@@ -38,11 +38,12 @@ import argparse
 import itertools
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -264,8 +265,12 @@ def _run_local(runs: Sequence[Run], out_dir: Path, jobs: int | None,
     logs.mkdir(parents=True, exist_ok=True)
     failed: list[tuple[Run, int]] = []
     base_env = _child_environment()
+    stop = threading.Event()
+    live: set[subprocess.Popen] = set()
 
     def one(run: Run) -> None:
+        if stop.is_set():  # interrupted: start nothing new
+            return
         env = dict(base_env)
         gpu = None
         pinned = on_gpu and run.device in (None, "cuda")  # "cuda:1" or "cpu" are the user's
@@ -274,9 +279,17 @@ def _run_local(runs: Sequence[Run], out_dir: Path, jobs: int | None,
                 gpu = free_gpus.pop(0)
             env["CUDA_VISIBLE_DEVICES"] = str(gpu)
         try:
-            with open(logs / f"{run.name}.log", "w", encoding="utf-8") as log:
-                code = subprocess.run(run.command(threads), env=env, stdout=log,
-                                      stderr=subprocess.STDOUT, check=False).returncode
+            # appended: a resumed run keeps the log of its interrupted part
+            with open(logs / f"{run.name}.log", "a", encoding="utf-8") as log:
+                with lock:
+                    if stop.is_set():
+                        return
+                    process = subprocess.Popen(run.command(threads), env=env, stdout=log,
+                                               stderr=subprocess.STDOUT)
+                    live.add(process)
+                code = process.wait()
+                with lock:
+                    live.discard(process)
         finally:
             if gpu is not None:
                 with lock:
@@ -287,7 +300,21 @@ def _run_local(runs: Sequence[Run], out_dir: Path, jobs: int | None,
                 failed.append((run, code))
 
     with ThreadPoolExecutor(max_workers=slots) as pool:
-        list(pool.map(one, runs))
+        futures = [pool.submit(one, run) for run in runs]
+        try:
+            # waits in short slices so that Ctrl-C reaches this thread at once
+            while wait(futures, timeout=0.5).not_done:
+                pass
+            for future in futures:
+                future.result()  # a bug in `one` surfaces here
+        except KeyboardInterrupt:
+            # no new run starts; the running ones get the Ctrl-C too (their checkpoint is
+            # the last finished epoch) and the pool waits for them to stop
+            with lock:
+                stop.set()
+                for process in live:
+                    process.send_signal(signal.SIGINT)
+            raise
     order = {run.name: index for index, run in enumerate(runs)}
     return sorted(failed, key=lambda item: order[item[0].name])  # the manifest's order
 

@@ -4,7 +4,6 @@ errors in one line, resumption, GPU slots and the slurm executor (with a stand-i
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -38,17 +37,23 @@ def _manifest(tmp_path: Path, text: str, name: str = "manifest.toml") -> Path:
 
 
 class _FakeProcesses:
-    """Stands in for subprocess.run: records commands and environments, writes the result."""
+    """Stands in for subprocess.Popen: records commands and environments, writes the result."""
 
     def __init__(self, code: int = 0) -> None:
         self.calls: list[tuple[list[str], dict[str, str]]] = []
         self.code = code
 
-    def __call__(self, command, env, stdout, stderr, check):
+    def __call__(self, command, env, stdout, stderr):
         self.calls.append((command, env))
-        if self.code == 0:
-            Path(command[command.index("--out") + 1]).write_text("{}")
-        return subprocess.CompletedProcess(command, self.code)
+        fake = self
+
+        class Process:
+            def wait(self) -> int:
+                if fake.code == 0:
+                    Path(command[command.index("--out") + 1]).write_text("{}")
+                return fake.code
+
+        return Process()
 
 
 # ------------------------------------------------------------------ the real thing
@@ -73,7 +78,7 @@ def test_two_fast_runs_then_a_second_call_skips_both(tmp_path, monkeypatch, caps
     def no_process(*args, **kwargs):
         raise AssertionError("a finished run was started again")
 
-    monkeypatch.setattr(sweep.subprocess, "run", no_process)
+    monkeypatch.setattr(sweep.subprocess, "Popen", no_process)
     before = {p: p.stat().st_mtime_ns for p in out_dir.glob("*.json")}
     assert main(["sweep", str(manifest), "--out-dir", str(out_dir)]) == 0
     assert "2 run(s): 2 done already, 0 to run" in capsys.readouterr().out
@@ -169,7 +174,7 @@ def test_interrupted_run_resumes_with_the_same_command(tmp_path, monkeypatch) ->
     (out_dir / "seed-0.json").write_text("{}")  # finished
     (out_dir / "seed-1.json.ckpt").write_bytes(b"")  # interrupted
     fake = _FakeProcesses()
-    monkeypatch.setattr(sweep.subprocess, "run", fake)
+    monkeypatch.setattr(sweep.subprocess, "Popen", fake)
     monkeypatch.setattr(sweep, "_gpu_count", lambda: 0)
     outcome = sweep.run_sweep(manifest, out_dir, _repro_parser(), report=lambda line: None)
     assert outcome["skipped"] == ["seed-0"] and outcome["resumed"] == ["seed-1"]
@@ -183,7 +188,7 @@ def test_runs_are_spread_over_gpus(tmp_path, monkeypatch) -> None:
     manifest = _manifest(tmp_path, TWO_RUNS.replace('device = "cpu"\n', "").replace(
         "seed = [0, 1]", "seed = [0, 1, 2, 3]"))
     fake = _FakeProcesses()
-    monkeypatch.setattr(sweep.subprocess, "run", fake)
+    monkeypatch.setattr(sweep.subprocess, "Popen", fake)
     monkeypatch.setattr(sweep, "_gpu_count", lambda: 2)
     sweep.run_sweep(manifest, tmp_path / "out", _repro_parser(), report=lambda line: None)
     visible = sorted(env["CUDA_VISIBLE_DEVICES"] for _, env in fake.calls)
@@ -192,7 +197,7 @@ def test_runs_are_spread_over_gpus(tmp_path, monkeypatch) -> None:
 
 def test_failed_runs_are_named_with_their_logs(tmp_path, monkeypatch, capsys) -> None:
     manifest = _manifest(tmp_path, TWO_RUNS)
-    monkeypatch.setattr(sweep.subprocess, "run", _FakeProcesses(code=1))
+    monkeypatch.setattr(sweep.subprocess, "Popen", _FakeProcesses(code=1))
     monkeypatch.setattr(sweep, "_gpu_count", lambda: 0)
     assert main(["sweep", str(manifest), "--out-dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
@@ -271,3 +276,33 @@ def test_concurrent_generation_of_one_data_set_keeps_the_first(tmp_path, monkeyp
     folder = synthetic.make_synthetic_dataset(tmp_path, "concrete", **kwargs)
     assert folder.stat().st_ino == state["first"]  # the first published folder stayed
     assert [p.name for p in tmp_path.iterdir()] == ["concrete"]  # no temporary left
+
+
+def test_ctrl_c_starts_no_new_run_and_interrupts_the_running_one(tmp_path, monkeypatch,
+                                                                 capsys) -> None:
+    import _thread
+    import signal
+    import threading
+
+    started, signals = [], []
+    stopped = threading.Event()
+
+    class Process:
+        def __init__(self, command, env, stdout, stderr) -> None:
+            started.append(command)
+            _thread.interrupt_main()  # the user presses Ctrl-C while the first run trains
+
+        def send_signal(self, number: int) -> None:
+            signals.append(number)
+            stopped.set()
+
+        def wait(self) -> int:
+            stopped.wait(30)
+            return -signal.SIGINT
+
+    monkeypatch.setattr(sweep.subprocess, "Popen", Process)
+    monkeypatch.setattr(sweep, "_gpu_count", lambda: 0)
+    manifest = _manifest(tmp_path, TWO_RUNS)
+    assert main(["sweep", str(manifest), "--out-dir", str(tmp_path / "out"), "--jobs", "1"]) == 130
+    assert len(started) == 1 and signals == [signal.SIGINT]
+    assert "run the same command again" in capsys.readouterr().err
