@@ -295,6 +295,9 @@ def _run_local(runs: Sequence[Run], out_dir: Path, jobs: int | None,
                 with lock:
                     free_gpus.append(gpu)
         with lock:
+            if stop.is_set():
+                report(f"interrupted: {run.name}")
+                return
             report(f"{'done' if code == 0 else f'FAILED ({code})'}: {run.name}")
             if code:
                 failed.append((run, code))
