@@ -20,6 +20,14 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from adcore.runtime import default_device, fast_mode, seed_everything
-
 __all__ = ["__version__", "default_device", "fast_mode", "seed_everything"]
+
+
+def __getattr__(name: str) -> object:
+    # Loaded on first use, so that importing the package does not load torch: `python -m
+    # adcore` sets OpenMP's threads and wait policy first (adcore._env).
+    if name in ("default_device", "fast_mode", "seed_everything"):
+        from adcore import runtime
+
+        return getattr(runtime, name)
+    raise AttributeError(f"module 'adcore' has no attribute {name!r}")

@@ -1,7 +1,9 @@
-"""Command line: ``python -m adcore repro METHOD --dataset D --out FILE.json`` and ``python -m adcore tables NAME``.
+"""Command line: ``python -m adcore repro METHOD --dataset D --out FILE.json``, ``python -m adcore tables NAME``
+and ``python -m adcore sweep MANIFEST.toml --out-dir DIR`` (:mod:`adcore.sweep`).
 
 Run ``python -m adcore repro --help`` for every option. The result file follows the contract
-of :mod:`adcore.repro.common`.
+of :mod:`adcore.repro.common`. Before torch loads, OpenMP's idle threads are set to sleep and
+the global ``--threads N`` (or ``ADCORE_THREADS``) sets the thread count (:mod:`adcore._env`).
 """
 
 from __future__ import annotations
@@ -12,9 +14,15 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from adcore.losses import FLOW_LOSS_KINDS, MASK_RULES
-from adcore.repro.common import DATASETS, METHODS, ReproArgs, results_dir, run_method
-from adcore.train.contrastive import FUSION_WEIGHTS
+from adcore._env import configure_at_startup, configure_threads, threads_setting
+
+# Threads and OpenMP's wait policy before torch loads (the imports below load it).
+configure_at_startup(sys.argv[1:])
+
+from adcore.losses import FLOW_LOSS_KINDS, MASK_RULES  # noqa: E402
+from adcore.repro.common import DATASETS, METHODS, ReproArgs, results_dir, run_method  # noqa: E402
+from adcore.sweep import add_sweep_parser, run_sweep  # noqa: E402
+from adcore.train.contrastive import FUSION_WEIGHTS  # noqa: E402
 
 LOSSES = ("none", "boundary", "cl", "likelihood", "fusion")
 
@@ -28,7 +36,11 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m adcore",
-                     description="adcore: reproduction runs of the book.")
+                     description="adcore: reproduction runs of the book. OpenMP threads "
+                                 "sleep when idle (OMP_WAIT_POLICY=PASSIVE unless set).")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="CPU threads of torch (default: $ADCORE_THREADS, else "
+                             "$OMP_NUM_THREADS, else one per core)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     repro = sub.add_parser("repro", help="train and evaluate one method on one data set",
@@ -82,6 +94,7 @@ def _parser() -> argparse.ArgumentParser:
                              "shorter runs keep the schedule's fractions)")
     tables.add_argument("--dataset", dest="datasets", nargs="+", default=None,
                         help="only these data sets (vqvae: synthetic mvtec ucsd-ped1 cifar10)")
+    add_sweep_parser(sub, repro)
     return parser
 
 
@@ -108,10 +121,16 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = _parser().parse_args(argv)
     try:
+        threads = threads_setting(sys.argv[1:] if argv is None else argv)
+        if threads is not None:  # also for main() called where torch is already loaded
+            configure_threads(threads)
         if args.command == "repro":
-            fields = {k: v for k, v in vars(args).items() if k != "command"}
+            fields = {k: v for k, v in vars(args).items() if k not in ("command", "threads")}
             out = run_method(ReproArgs(**fields))
             print(f"wrote {out}")
+        elif args.command == "sweep":
+            run_sweep(args.manifest, args.out_dir, args.repro_parser, executor=args.executor,
+                      jobs=args.jobs)
         else:
             module = importlib.import_module(METHODS[args.name])
             if args.results_dir is None:

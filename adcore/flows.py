@@ -21,6 +21,12 @@ channels and c (N, P) the condition:
 
 The inverse runs the three steps backwards; its log-determinant is minus the forward one.
 Each is tested against FrEIA with identical weights (``tests/test_flows.py``).
+
+Invertibility contract (FrEIA's, :class:`InvertibleFlow`), kept by the block and the stack on
+every path (block by block or fused): ``forward(x, c)`` returns ``(y, log|det J_f(x)|)``;
+``inverse(y, c)`` (the same as ``forward(y, c, reverse=True)``, FrEIA's ``rev=True``) returns
+``(f^-1(y), log|det J_f^-1(y)|)``, which is ``-log|det J_f(f^-1(y))|``. One parametrised test
+checks it for every path.
 """
 
 from __future__ import annotations
@@ -32,11 +38,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "ConditionalAffineCoupling",
     "ConditionalFlow",
     "GridCondition",
+    "InvertibleFlow",
     "positional_encoding_2d",
     "random_rotation",
 ]
@@ -104,7 +112,35 @@ def random_rotation(channels: int, generator: torch.Generator | None = None) -> 
     return q.float()
 
 
-class ConditionalAffineCoupling(nn.Module):
+class InvertibleFlow(nn.Module):
+    """The invertibility contract of the flows here, as FrEIA's (``rev=True``, reverse log-det = -J).
+
+    A subclass implements ``forward(x, condition=None, reverse=False) -> (y, log_det)`` with
+
+    - ``reverse=False``: ``y = f(x)`` and ``log_det = log|det df/dx|`` at x, shape (N,);
+    - ``reverse=True``: ``y = f^-1(x)`` and ``log_det = log|det df^-1/dx|`` at x, which is
+      ``-log|det df/dx|`` at ``f^-1(x)``.
+
+    :meth:`inverse` is the second form under its own name. ``tests/test_flows.py``
+    (``test_invertibility_contract``) checks both directions, both signs and both
+    log-determinants against autograd Jacobians, for a block and for the stack fused or not.
+    """
+
+    def inverse(self, y: Tensor, condition: Condition | None = None) -> tuple[Tensor, Tensor]:
+        """The inverse map: ``forward(y, condition, reverse=True)``.
+
+        Args:
+            y: (N, C) outputs of the forward map (latents for a stack).
+            condition: (N, P) condition, a :class:`GridCondition`, or None when unconditional.
+
+        Returns:
+            x: (N, C) with ``forward(x)[0] == y``, and log|det| of the inverse map (N,),
+            i.e. minus the forward log|det| at x.
+        """
+        return self(y, condition, reverse=True)
+
+
+class ConditionalAffineCoupling(InvertibleFlow):
     """One conditional affine coupling block, equal to CFlow-AD's FrEIA ``AllInOneBlock``.
 
     FrEIA configuration reproduced: ``AllInOneBlock(dims_c=[(P,)], subnet_constructor=
@@ -159,18 +195,21 @@ class ConditionalAffineCoupling(nn.Module):
         log_scale = self.clamp * torch.tanh(a[:, :self.active])
         return log_scale, a[:, self.active:]
 
-    def forward(self, x: Tensor, condition: Tensor | None = None,
+    def forward(self, x: Tensor, condition: Condition | None = None,
                 reverse: bool = False) -> tuple[Tensor, Tensor]:
-        """Apply the block (or its inverse).
+        """Apply the block (or its inverse), under the contract of :class:`InvertibleFlow`.
 
         Args:
             x: (N, C) fibers (the output side when ``reverse``).
-            condition: (N, P) positional encodings, or None for an unconditional block.
-            reverse: compute the inverse map.
+            condition: (N, P) positional encodings (dense or a :class:`GridCondition`), or
+                None for an unconditional block.
+            reverse: compute the inverse map (:meth:`inverse`).
 
         Returns:
             y: (N, C), and log|det J| (N,) of the map applied (the inverse's when ``reverse``).
         """
+        if isinstance(condition, GridCondition):
+            condition = condition.dense()
         scale = self.global_scale_value()
         log_det_global = torch.log(scale).sum()
         if reverse:
@@ -342,20 +381,38 @@ class _FusedFlow(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, condition: Condition,  # type: ignore[override]
                 flow: ConditionalFlow, *params: Tensor) -> tuple[Tensor, Tensor]:
-        z, log_det, saved = _fused_forward(x, condition, flow.blocks, params, save=True)
-        ctx.blocks = flow.blocks
-        ctx.params = params
-        ctx.saved = saved
-        ctx.condition = condition  # a constant (positional encodings): no gradient
+        z, log_det, (saved, g, rotation) = _fused_forward(x, condition, flow.blocks, params,
+                                                          save=True)
+        grid = isinstance(condition, GridCondition)
+        condition_tensors = ((condition.columns, condition.rows, condition.column_index,
+                              condition.row_index) if grid else (condition,))
+        # Everything backward reads goes through save_for_backward, whose version counters
+        # turn a tensor freed by an earlier backward or changed in place since (the input,
+        # a parameter stepped by the optimizer too early) into an error instead of wrong
+        # gradients. The first block's halves are views of the input: the input itself is
+        # saved instead (a view made here, in no-grad mode, would give a murkier error).
+        per_block = [tensor for block in saved for tensor in block]
+        per_block[0:2] = [None, None]
+        ctx.save_for_backward(x, *params, g, rotation, *condition_tensors, *per_block)
+        ctx.layout = (len(params), len(condition_tensors), grid)
+        ctx.passive, ctx.clamp = flow.blocks[0].passive, flow.blocks[0].clamp
         ctx.x_needs_grad = x.requires_grad
         return z, log_det
 
     @staticmethod
+    @once_differentiable  # the backward is hand-written: no graph of it for a second order
     def backward(ctx, grad_z: Tensor, grad_log_det: Tensor):  # type: ignore[override]
-        blocks, params = ctx.blocks, ctx.params
-        saved, g, rotation = ctx.saved
-        n_blocks = len(blocks)
-        passive, clamp = blocks[0].passive, blocks[0].clamp
+        n_params, n_condition, grid = ctx.layout
+        x, *tensors = ctx.saved_tensors  # raises if freed or modified in place since forward
+        params = tensors[:n_params]
+        g, rotation = tensors[n_params:n_params + 2]
+        condition_tensors = tensors[n_params + 2:n_params + 2 + n_condition]
+        condition = GridCondition(*condition_tensors) if grid else condition_tensors[0]
+        per_block = tensors[n_params + 2 + n_condition:]
+        n_blocks = n_params // 6
+        passive, clamp = ctx.passive, ctx.clamp
+        saved = [per_block[index:index + 6] for index in range(0, len(per_block), 6)]
+        saved[0] = (x[:, :passive], x[:, passive:], *saved[0][2:])
         w1, w2 = params[0::6], params[2::6]
         if grad_z is None:
             grad_z = torch.zeros_like(saved[-1][5])
@@ -398,7 +455,7 @@ class _FusedFlow(torch.autograd.Function):
         # then through g = 0.1 * softplus_{0.5}(gamma); for all blocks at once.
         gamma = torch.stack(params[4::6])
         grad_gamma = (grad_vu + grad_log_det.sum() / g) * (0.1 * torch.sigmoid(0.5 * gamma))
-        grad_w1_condition = _condition_weight_grads(ctx.condition, grad_hidden_all)
+        grad_w1_condition = _condition_weight_grads(condition, grad_hidden_all)
         grad_w1_condition = grad_w1_condition.view(n_blocks, width, -1)
         grad_b1 = grad_hidden_all.sum(dim=0).view(n_blocks, width)
         grad_b2 = torch.stack(grad_b2[::-1]).mul_(0.1)
@@ -412,8 +469,11 @@ class _FusedFlow(torch.autograd.Function):
         return (grad_x, None, None, *flat)
 
 
-class ConditionalFlow(nn.Module):
+class ConditionalFlow(InvertibleFlow):
     """A stack of conditional coupling blocks: CFlow-AD's decoder for one feature stage.
+
+    It keeps the contract of :class:`InvertibleFlow` whether ``fused`` or not: the forward
+    log|det| is the sum of the blocks', the inverse runs the blocks backwards.
 
     Args:
         channels: C, the fiber size of the stage.
@@ -449,18 +509,28 @@ class ConditionalFlow(nn.Module):
                 raise ValueError(f"condition must be ({x.shape[0]}, {self.condition_channels}); "
                                  f"got {got}")
 
-    def forward(self, x: Tensor, condition: Condition | None = None) -> tuple[Tensor, Tensor]:
-        """Map fibers to the latent space.
+    def forward(self, x: Tensor, condition: Condition | None = None,
+                reverse: bool = False) -> tuple[Tensor, Tensor]:
+        """Map fibers to the latent space (or latents back, with ``reverse``).
 
         Args:
-            x: (N, C) fibers.
+            x: (N, C) fibers (latents when ``reverse``).
             condition: (N, P) positional encodings of their positions, or the same as a
                 :class:`GridCondition` (cheaper in the fused path).
+            reverse: compute the inverse map (:meth:`inverse`; always block by block).
 
         Returns:
-            z: (N, C), and log|det J| (N,) of the whole stack.
+            z: (N, C), and log|det J| (N,) of the whole stack (of its inverse when ``reverse``).
         """
         self._check(x, condition)
+        if reverse:
+            if isinstance(condition, GridCondition):
+                condition = condition.dense()  # once for all blocks
+            log_det = x.new_zeros(x.shape[0])
+            for block in reversed(self.blocks):
+                x, block_log_det = block(x, condition, reverse=True)
+                log_det = log_det + block_log_det
+            return x, log_det
         if self.fused and condition is not None:
             params = self.fused_parameters()
             if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad
@@ -469,7 +539,7 @@ class ConditionalFlow(nn.Module):
             z, log_det, _ = _fused_forward(x, condition, self.blocks, params, save=False)
             return z, log_det
         if isinstance(condition, GridCondition):
-            condition = condition.dense()
+            condition = condition.dense()  # once for all blocks
         log_det = x.new_zeros(x.shape[0])
         for block in self.blocks:
             x, block_log_det = block(x, condition)
@@ -488,19 +558,8 @@ class ConditionalFlow(nn.Module):
         return out
 
     def reverse(self, z: Tensor, condition: Condition | None = None) -> tuple[Tensor, Tensor]:
-        """Map latents back to fibers: the exact inverse of :meth:`forward`.
-
-        Returns:
-            x: (N, C), and the log|det| of the inverse map (N,), i.e. minus the forward one at x.
-        """
-        self._check(z, condition)
-        if isinstance(condition, GridCondition):
-            condition = condition.dense()
-        log_det = z.new_zeros(z.shape[0])
-        for block in reversed(self.blocks):
-            z, block_log_det = block(z, condition, reverse=True)
-            log_det = log_det + block_log_det
-        return z, log_det
+        """:meth:`inverse` under the name chapter 6 uses (``toy_flow.reverse(z)``)."""
+        return self.inverse(z, condition)
 
     @staticmethod
     def state_dict_from_freia(state: Mapping[str, Tensor]) -> dict[str, Tensor]:

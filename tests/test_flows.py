@@ -109,32 +109,84 @@ def test_single_block_equals_freia_and_keeps_names() -> None:
     assert torch.allclose(ConditionalAffineCoupling(6, 4).global_scale_value(), torch.ones(1, 6))
 
 
-# ------------------------------------------------------------------ inversion
-@pytest.mark.parametrize("condition", [0, 12])
-def test_inverse_recovers_input_and_negates_log_det(condition: int) -> None:
+# ------------------------------------------------------------------ invertibility contract
+def _contract_case(path: str, condition_kind: str) -> tuple[nn.Module, torch.Tensor, object]:
+    """A flow of one of the three paths (one block, the stack block by block, the fused stack)
+    with a trained-like state, an input batch and its condition (None, dense or grid)."""
     torch.manual_seed(2)
-    flow = ConditionalFlow(9, condition, 8)
-    _perturb(flow, 0.05)
-    x = torch.randn(32, 9)
-    c = torch.randn(32, condition) if condition else None
-    z, log_det = flow(x, c)
-    x_back, log_det_reverse = flow.reverse(z, c)
-    assert torch.allclose(x_back, x, atol=1e-4)
-    assert torch.allclose(log_det_reverse, -log_det, atol=1e-4)
-    assert not torch.allclose(z, x, atol=1e-2)
+    channels, condition_channels, n = 5, 8, 12
+    if condition_kind == "none":
+        condition_channels = 0
+    if path == "block":
+        flow = ConditionalAffineCoupling(channels, condition_channels)
+    else:
+        flow = ConditionalFlow(channels, condition_channels, 3, fused=path == "fused")
+    flow = flow.double()
+    _perturb(flow, 0.1)
+    x = 2 * torch.randn(n, channels, dtype=torch.float64)
+    condition = None
+    if condition_kind == "dense":
+        condition = torch.randn(n, condition_channels, dtype=torch.float64)
+    elif condition_kind == "grid":
+        condition = _grid(condition_channels, 3, 4, torch.arange(n))
+    return flow, x, condition
 
 
-def test_log_det_is_the_log_volume_change() -> None:
-    """log|det J| from the flow equals the log-determinant of its autograd Jacobian."""
-    torch.manual_seed(4)
-    flow = ConditionalFlow(4, 8, 3).double()
-    _perturb(flow, 0.2)
-    x, c = torch.randn(1, 4, dtype=torch.float64), torch.randn(1, 8, dtype=torch.float64)
-    jacobian = torch.autograd.functional.jacobian(lambda v: flow(v, c)[0], x)[0, :, 0, :]
-    _, log_det = flow(x, c)
-    # exact up to the float32 rounding of the stored rotations (|det R| = 1 +- 1e-7)
-    assert log_det.item() == pytest.approx(torch.linalg.slogdet(jacobian)[1].item(), abs=1e-6)
-    assert abs(log_det.item()) > 1e-3
+def _log_abs_det_jacobian(function, x: torch.Tensor) -> torch.Tensor:
+    """log|det| of the autograd Jacobian of a per-row map, one value per row (N,)."""
+    return torch.stack([torch.linalg.slogdet(torch.autograd.functional.jacobian(
+        lambda v: function(v[None])[0][0], row))[1] for row in x])
+
+
+@pytest.mark.parametrize(("path", "condition_kind"), [
+    ("block", "none"), ("block", "dense"),
+    ("unfused", "none"), ("unfused", "dense"), ("unfused", "grid"),
+    ("fused", "dense"), ("fused", "grid"),
+])
+@pytest.mark.parametrize("grad", [False, True])
+def test_invertibility_contract(path: str, condition_kind: str, grad: bool) -> None:
+    """FrEIA's contract, for the block and the stack on every path: ``inverse`` undoes
+    ``forward`` (both ways), ``forward(..., reverse=True)`` is ``inverse``, each returns the
+    log|det| of its own Jacobian, and the inverse's is minus the forward's (rev=True: -J)."""
+    flow, x, condition = _contract_case(path, condition_kind)
+
+    def sliced(rows: torch.Tensor) -> object:  # the condition of one row, for the Jacobians
+        return None if condition is None else condition[rows]
+
+    x = x.requires_grad_(grad)  # with gradients the fused path runs its autograd Function
+    with torch.set_grad_enabled(grad):
+        y, log_det = flow(x, condition)
+        x_back, log_det_inverse = flow.inverse(y, condition)
+        y_again, _ = flow(x_back, condition)
+        z = torch.randn_like(x)
+        x_of_z, log_det_of_z = flow.inverse(z, condition)
+        z_again, log_det_forward_of_z = flow(x_of_z, condition)
+        reverse_flag = flow(z, condition, reverse=True)
+    assert y.shape == x.shape and log_det.shape == (x.shape[0],)
+    assert not torch.allclose(y, x, atol=1e-2)  # a non-trivial map was inverted
+    # exact up to the float32 rotations, inverted by their transpose (R R^T = I +- 1e-7)
+    assert torch.allclose(x_back, x, atol=1e-5)
+    assert torch.allclose(y_again, y, atol=1e-5)
+    assert torch.allclose(z_again, z, atol=1e-5)
+    assert torch.allclose(log_det_inverse, -log_det, atol=1e-5)
+    assert torch.allclose(log_det_of_z, -log_det_forward_of_z, atol=1e-5)
+    assert torch.equal(reverse_flag[0], x_of_z) and torch.equal(reverse_flag[1], log_det_of_z)
+    assert log_det.std() > 1e-3  # the Jacobian varies with x: the signs are really tested
+    # each log|det| is that of its own map's Jacobian (float32 rotations: |det R| = 1 +- 1e-7)
+    for rows in ([0], [5]):
+        row_condition = sliced(torch.tensor(rows))
+        expected = _log_abs_det_jacobian(lambda v, c=row_condition: flow(v, c),
+                                         x.detach()[rows])
+        assert torch.allclose(log_det[rows].detach(), expected, atol=1e-6)
+        expected = _log_abs_det_jacobian(lambda v, c=row_condition: flow.inverse(v, c), z[rows])
+        assert torch.allclose(log_det_of_z[rows].detach(), expected, atol=1e-6)
+
+
+def test_stack_reverse_is_the_inverse() -> None:
+    """``ConditionalFlow.reverse`` (chapter 6's name) is the contract's ``inverse``."""
+    flow, x, condition = _contract_case("unfused", "dense")
+    assert all(torch.equal(a, b) for a, b in zip(flow.reverse(x, condition),
+                                                 flow.inverse(x, condition)))
 
 
 # ------------------------------------------------------------------ fused backward
@@ -171,6 +223,43 @@ def test_fused_without_input_gradient_matches() -> None:
         losses.append([p.grad.clone() for p in flow.fused_parameters()])
     for a, b in zip(*losses):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+# ------------------------------------------------------------------ fused backward: guards
+def _fused_loss(flow: ConditionalFlow, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    z, log_det = flow(x, c)
+    return 0.5 * z.square().sum() - log_det.sum()
+
+
+def test_fused_backward_is_once_differentiable() -> None:
+    flow = ConditionalFlow(6, 4, 2)
+    x = torch.randn(10, 6, requires_grad=True)
+    (grad_x,) = torch.autograd.grad(_fused_loss(flow, x, torch.randn(10, 4)), x,
+                                    create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad_x.sum().backward()
+
+
+def test_fused_backward_refuses_freed_or_modified_saved_tensors() -> None:
+    torch.manual_seed(9)
+    flow = ConditionalFlow(6, 4, 2)
+    x, c = torch.randn(10, 6, requires_grad=True), torch.randn(10, 4)
+    loss = _fused_loss(flow, x, c)
+    loss.backward()
+    with pytest.raises(RuntimeError, match="second time"):  # the saved tensors were freed
+        loss.backward()
+    # a parameter changed in place between forward and backward (an optimizer step too early)
+    loss = _fused_loss(flow, x, c)
+    with torch.no_grad():
+        flow.blocks[1].subnet[2].weight.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    # the input changed in place: the saved fiber halves are views of it
+    staged = torch.randn(10, 6, requires_grad=True) * 1.0
+    loss = _fused_loss(flow, staged, c)
+    staged.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
 
 
 # ------------------------------------------------------------------ separable condition
@@ -218,7 +307,7 @@ def test_fused_grid_condition_matches_the_dense_condition() -> None:
     flow.fused = False  # the readable path expands the grid to the dense condition
     z_plain, log_det_plain = flow(x, grid)
     assert torch.allclose(z_plain, results[0][0]) and torch.allclose(log_det_plain, results[0][1])
-    x_back, _ = flow.reverse(z_plain, grid)
+    x_back, _ = flow.inverse(z_plain, grid)
     assert torch.allclose(x_back, x, atol=1e-8)
 
 

@@ -635,3 +635,118 @@ def test_cuda_solvers_match_the_cpu() -> None:
     t, s = (x.clone().requires_grad_() for x in cuda[:2])
     poisson_blend(t, s, cuda[2], solver="capacitance").square().sum().backward()
     assert t.grad.is_cuda and bool(t.grad.abs().sum() > 0) and bool(s.grad.abs().sum() > 0)
+
+
+# --------------------------------------------------------------------------- the solver choice
+def _disc(size: int, radius: float, batch: int = 1) -> torch.Tensor:
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    disc = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 <= radius ** 2
+    return disc.expand(batch, size, size).clone()
+
+
+def _crack(size: int) -> torch.Tensor:
+    mask = torch.zeros(1, size, size, dtype=torch.bool)
+    for x in range(4, size - 4):
+        y = size // 2 + int(6 * np.sin(x / 7))
+        mask[0, y:y + 2, x] = True
+    return mask
+
+
+def test_choose_solver_rules_and_reasons() -> None:
+    from adcore.poisson import choose_solver
+
+    crack, disc = _crack(96), _disc(128, 30)
+    choice = choose_solver(crack, "cpu")
+    assert choice.name == "direct" and "band <= 32" in choice.reason
+    choice = choose_solver(disc, "cpu")
+    assert choice.name == "capacitance" and "compact" in choice.reason
+    assert choice.geometries is not None and not choice.empty
+    choice = choose_solver(disc, "cpu", guidance="mixed")
+    assert choice.name == "direct" and "guidance='mixed'" in choice.reason
+    # a CG setting with "auto" asks for CG, and the reason says which setting did
+    choice = choose_solver(crack, "cpu", preconditioner="jacobi")
+    assert (choice.name, choice.preconditioner) == ("cg", "jacobi")
+    assert "preconditioner" in choice.reason
+    assert "max_iter" in choose_solver(crack, "cpu", max_iter=10).reason
+    choice = choose_solver(disc, "cuda")               # decided from the geometry alone
+    assert choice.name == "cg" and choice.preconditioner == "dst" and "cuda" in choice.reason
+    assert choose_solver(crack, "cuda").preconditioner == "jacobi"
+    asked = choose_solver(disc, "cpu", solver="direct")
+    assert asked.name == "direct" and asked.reason == "asked for"
+    # pure: the same question gets the same answer
+    assert choose_solver(crack, "cpu").reason == choose_solver(crack.clone(), "cpu").reason
+
+
+def test_choose_solver_refusals_and_empty_masks() -> None:
+    from adcore.poisson import choose_solver
+
+    empty = torch.zeros(2, 16, 16, dtype=torch.bool)
+    choice = choose_solver(empty, "cpu")
+    assert choice.empty and choice.name == "cg" and "empty" in choice.reason
+    with pytest.raises(ValueError, match="covers the whole image"):
+        choose_solver(torch.ones(1, 8, 8, dtype=torch.bool), "cpu")
+    with pytest.raises(ValueError, match="solver='direct' runs on the CPU"):
+        choose_solver(_crack(32), "cuda", solver="direct")
+    with pytest.raises(ValueError, match="setting of solver='cg'"):
+        choose_solver(_crack(32), "cpu", solver="direct", preconditioner="dst")
+    with pytest.raises(ValueError, match="guidance='source'"):
+        choose_solver(_disc(64, 10), "cpu", solver="capacitance", guidance="mixed")
+
+
+def test_blend_reports_the_choice_it_carried_out() -> None:
+    """poisson_blend_info's solver, preconditioner and reason are choose_solver's."""
+    from adcore.poisson import choose_solver
+
+    torch.manual_seed(13)
+    for mask, options in ((_crack(64), {}), (_disc(96, 24), {}),
+                          (_crack(64), {"preconditioner": "dst"}),
+                          (_disc(96, 24), {"guidance": "mixed"})):
+        target, source = torch.rand(1, 3, *mask.shape[1:]), torch.rand(1, 3, *mask.shape[1:])
+        _, info = poisson_blend_info(target, source, mask[:, None], **options)
+        choice = choose_solver(mask, "cpu", **options)
+        assert (info.solver, info.reason) == (choice.name, choice.reason)
+        if choice.name == "cg":
+            assert info.preconditioner == choice.preconditioner
+
+
+def test_one_right_hand_side_for_every_solver() -> None:
+    """Eq. 7's b, written once (adcore.poisson.domain.eq7_rhs), is what the factorisation's
+    pixel order, CG's system and the box's window all read, and it is the formula."""
+    from adcore.poisson.blend import _window_rhs
+    from adcore.poisson.direct import MaskedPixels
+    from adcore.poisson.domain import MaskedDomain
+    from adcore.poisson.masked_cg import _MaskedSystem
+
+    torch.manual_seed(14)
+    target, source = torch.rand(2, 2, 9, 11, dtype=torch.float64), torch.rand(2, 2, 9, 11,
+                                                                              dtype=torch.float64)
+    mask = torch.rand(2, 9, 11) > 0.6
+    mask[0, 0, :4] = True                                      # on the border too
+    for guidance in ("source", "mixed"):
+        raster = MaskedDomain.from_mask(mask)
+        b = raster.rhs(target, source, guidance)
+        # the formula, pixel by pixel, over the neighbours inside the image
+        for column, (item, y, x) in enumerate(zip(*(t.tolist() for t in
+                                                    (raster.item, raster.y, raster.x)))):
+            for channel in range(2):
+                expected = 0.0
+                for dy, dx in NEIGHBOURS:
+                    if 0 <= y + dy < 9 and 0 <= x + dx < 11:
+                        g = source[item, channel, y, x] - source[item, channel, y + dy, x + dx]
+                        f = target[item, channel, y, x] - target[item, channel, y + dy, x + dx]
+                        v = f if guidance == "mixed" and abs(f) > abs(g) else g
+                        expected += float(v - f)
+                assert b[channel, column].item() == pytest.approx(expected, abs=1e-12)
+        system = _MaskedSystem(mask, 2, torch.float64, padded=False)
+        assert torch.equal(system.rhs(target, source, guidance), b)
+        pixels = MaskedPixels(mask.numpy())
+        order = torch.from_numpy(pixels.flat_index(2)[0]).argsort()
+        assert torch.equal(pixels.domain.rhs(target, source, guidance)[:, order],
+                           b[:, raster.flat_index(2)[0].argsort()])
+        inner = mask.clone()
+        inner[:, [0, -1]] = False
+        inner[:, :, [0, -1]] = False
+        window = _window_rhs(target, source, inner, 1, slice(1, 8), slice(1, 10), guidance)
+        inside = inner[1, 1:8, 1:10]
+        at_mask = MaskedDomain.from_mask(inner[1:2]).rhs(target[1:2], source[1:2], guidance)
+        assert torch.allclose(window[:, inside], at_mask, atol=1e-14, rtol=0)

@@ -370,6 +370,12 @@ def _save_png(array: np.ndarray, path: Path) -> None:
     Image.fromarray(data).save(path, optimize=False, compress_level=1)
 
 
+def _written_with(target: Path, settings: dict) -> bool:
+    """True if ``target`` holds a complete synthetic set generated with ``settings``."""
+    marker = target / _MARKER
+    return marker.is_file() and json.loads(marker.read_text()) == settings
+
+
 def make_synthetic_dataset(root: str | os.PathLike, category: str, n_train: int = 300,
                            n_test: int = 120, image_size: int = 256, seed: int = 0,
                            overwrite: bool = False) -> Path:
@@ -448,9 +454,15 @@ def make_synthetic_dataset(root: str | os.PathLike, category: str, n_train: int 
                 if defect != "good":
                     _save_png(sample.mask, tmp / "ground_truth" / defect / f"{i:03d}_mask.png")
         (tmp / _MARKER).write_text(json.dumps(settings, indent=1))
+        if _written_with(target, settings):
+            return target  # a concurrent run (a sweep) wrote the same set meanwhile: keep it
         if target.exists():
             shutil.rmtree(target)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not _written_with(target, settings):
+                raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

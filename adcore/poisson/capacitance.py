@@ -67,7 +67,7 @@ MAX_RING = 4096
 #: ``solver="auto"`` chooses this method when every item has m ≤ this × √N ring pixels: compact
 #: shapes (a disc has m ≈ 3.2 √N, a square 4 √N, a disc mirrored at the image border up to
 #: 6.4 √N; a thin crack far more) — and when the band Cholesky of :mod:`adcore.poisson.direct`
-#: would be slow (see ``_AUTO_CAPACITANCE_MIN_BAND`` in :mod:`adcore.poisson`). Measured with
+#: would be slow (see ``AUTO_CAPACITANCE_MIN_BAND`` in :mod:`adcore.poisson.choose`). Measured with
 #: single masks on one CPU thread, against the band Cholesky: 1.3-6.5× faster on discs and
 #: blobs with bands over 32 pixels (1.4 against 3.4 ms for a disc of radius 30), even to
 #: 2.6× faster on discs touching the border (6.4 √N), even on cracks grown to 4.4-4.8 √N,

@@ -25,8 +25,10 @@ masks (a disc of 5000 pixels or more) both fill too much and CG with the sine-tr
 preconditioner is faster; :func:`adcore.poisson.poisson_blend` chooses between them
 (``solver="auto"``).
 
-Everything here is NumPy: per call the set-up costs a few array operations on each item's
-bounding box, which matters for the small masks of a data-loader worker.
+The factorisation is NumPy and SciPy: per call the set-up costs a few array operations on
+each item's bounding box, which matters for the small masks of a data-loader worker. The
+right-hand side is Eq. 7's, shared with the other solvers (:func:`adcore.poisson.domain.eq7_rhs`,
+on the pixels of :attr:`MaskedPixels.domain`), so autograd differentiates it.
 """
 
 from __future__ import annotations
@@ -42,7 +44,9 @@ from scipy.linalg import lapack
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["MAX_BAND", "DirectBlend", "MaskedPixels", "factorize", "line_bands"]
+from adcore.poisson.domain import MaskedDomain
+
+__all__ = ["MAX_BAND", "DirectSolve", "MaskedPixels", "factorize", "line_bands"]
 
 #: items whose band (in the better of the row and column orders) is at most this many pixels
 #: are factorised by band Cholesky, wider ones by sparse LU. Measured on one thread on the
@@ -98,7 +102,10 @@ class MaskedPixels:
             np.concatenate(field).astype(np.int64, copy=False) for field in fields)
         self.degree = (4.0 - (self.y == 0) - (self.y == height - 1)
                        - (self.x == 0) - (self.x == width - 1))
-        self._flat: dict[int, np.ndarray] = {}
+        # the same pixels as torch tensors (shared memory): the images are indexed, and
+        # Eq. 7's right-hand side computed, as for every solver
+        self.domain = MaskedDomain(*(torch.from_numpy(a) for a in (self.item, self.y, self.x)),
+                                   batch, height, width)
 
     @staticmethod
     def _item(mask: np.ndarray, offset: int,
@@ -174,50 +181,10 @@ class MaskedPixels:
 
     # ---- pixels of the images
     def flat_index(self, channels: int) -> np.ndarray:
-        """(C, N) int64: each channel's masked pixels in a flattened (B, C, H, W) array
-        (computed once per channel count: the right-hand side, the blend and its caller all
-        need it)."""
-        if channels not in self._flat:
-            plane = self.height * self.width
-            base = self.item * (channels * plane) + self.y * self.width + self.x
-            self._flat[channels] = base[None, :] + np.arange(channels)[:, None] * plane
-        return self._flat[channels]
+        """(C, N) int64: each channel's masked pixels in a flattened (B, C, H, W) array, in
+        factorisation order (:meth:`MaskedDomain.flat_index`)."""
+        return self.domain.flat_index(channels).numpy()
 
-    def neighbour_offsets(self) -> np.ndarray:
-        """(4, N) int64: flat offsets of the up, left, right and down neighbours, 0 where the
-        neighbour is outside the image (its difference is then zero: no edge)."""
-        y, x, w = self.y, self.x, self.width
-        return np.stack([np.where(y > 0, -w, 0), np.where(x > 0, -1, 0),
-                         np.where(x < w - 1, 1, 0), np.where(y < self.height - 1, w, 0)])
-
-    def rhs(self, target: np.ndarray, source: np.ndarray,
-            guidance: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Eq. 7's right-hand side for u = f − f* at the masked pixels, in float64.
-
-        b_p = Σ_{q ∈ N_p} w_pq ((g_p − g_q) − (f*_p − f*_q)) with w_pq = 1 for the source
-        guidance; for the mixed one, w_pq = 0 where the target's difference is the stronger
-        (ties go to the source), per edge and channel. (The same formula as
-        :func:`adcore.poisson.masked_cg.masked_rhs`, which differentiates through torch on
-        any device; here NumPy keeps the CPU's set-up short.)
-
-        Args:
-            target, source: (B, C, H, W) arrays.
-
-        Returns:
-            (b (C, N), the neighbours' flat positions (C, 4, N), w (C, 4, N) bool or None
-            for the source guidance).
-        """
-        index = self.flat_index(target.shape[1])
-        around = index[:, None, :] + self.neighbour_offsets()[None]
-        target, source = target.reshape(-1), source.reshape(-1)
-        d_source = source[index][:, None].astype(np.float64) - source[around]
-        d_target = target[index][:, None].astype(np.float64) - target[around]
-        terms = d_source - d_target
-        weight = None
-        if guidance == "mixed":
-            weight = np.abs(d_target) <= np.abs(d_source)
-            terms *= weight
-        return terms.sum(1), around, weight
 
 def line_bands(mask: np.ndarray) -> np.ndarray:
     """(B, 2) int64: the band of each item's couplings between lines when numbered along rows
@@ -297,54 +264,34 @@ def factorize(pixels: MaskedPixels, max_band: int | None = None) -> Factors:
         return Factors(pixels, MAX_BAND if max_band is None else max_band)
 
 
-class DirectBlend(torch.autograd.Function):
-    """Eq. 7 solved by factorising A (:class:`Factors`): the blend's values at the masked pixels, (C, N)
-    in the order of ``pixels``, differentiable w.r.t. both images.
+class DirectSolve(torch.autograd.Function):
+    """u = A⁻¹ b by factorising A (:class:`Factors`), (C, N) in the order of ``pixels``.
 
-    The blend is f = f* + u at Ω with A u = b, b = R (g − f*) for a linear R (the masked
-    differences of the guidance, :meth:`MaskedPixels.rhs`; for the mixed guidance the edge
-    choice is held fixed, as for any piecewise-linear function). A is symmetric, so the
-    backward pass is one more solve with the same factors: z = A⁻¹ ∂L/∂f, then
-    ∂L/∂g = Rᵀ z and ∂L/∂f* = (∂L/∂f at Ω) − Rᵀ z.
+    A is symmetric, so the backward pass is one more solve with the same factors:
+    ∂L/∂b = A⁻¹ ∂L/∂u. The right-hand side b (Eq. 7, :func:`adcore.poisson.domain.eq7_rhs`)
+    is computed in torch before, and autograd carries the gradient on to both images.
     """
 
     @staticmethod
-    def forward(ctx, target: Tensor, source: Tensor,  # type: ignore[override]
-                pixels: MaskedPixels, guidance: str, report: list | None) -> Tensor:
-        """``report``, if a list, receives (b, u, u₀) in float64 for the residual (u₀ the
-        naive paste)."""
-        target_np, source_np = target.detach().numpy(), source.detach().numpy()
-        rhs, around, weight = pixels.rhs(target_np, source_np, guidance)
+    def forward(ctx, rhs: Tensor, pixels: MaskedPixels,  # type: ignore[override]
+                report: list | None) -> Tensor:
+        """``rhs``: (C, N) float64; ``report``, if a list, receives (b, u) as NumPy arrays
+        (for the residual)."""
+        rhs_np = rhs.detach().numpy()
         with _one_blas_thread():
             factors = Factors(pixels, MAX_BAND)
-            u = factors.solve(rhs.T).T
-        index = pixels.flat_index(target.shape[1])
-        target_in = target_np.reshape(-1)[index]
+            u = factors.solve(rhs_np.T).T
         if report is not None:
-            report.append((rhs, u, source_np.reshape(-1)[index] - target_in.astype(np.float64)))
-        ctx.pixels, ctx.factors, ctx.index, ctx.around, ctx.weight = (
-            pixels, factors, index, around, weight)
-        ctx.shape, ctx.dtypes = target.shape, (target.dtype, source.dtype)
-        return torch.from_numpy(target_in + u).to(target.dtype)
+            report.append((rhs_np, u))
+        ctx.factors = factors
+        return torch.from_numpy(u)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor) -> tuple:  # type: ignore[override]
         with _one_blas_thread():
             z = ctx.factors.solve(np.ascontiguousarray(grad.double().numpy().T)).T   # (C, N)
-        # Rᵀ z: each edge term w (d_p − d_q) sends +w z_p to p and −w z_p to q
-        weighted = np.broadcast_to(z[:, None], ctx.around.shape)
-        if ctx.weight is not None:
-            weighted = weighted * ctx.weight
-        size = int(np.prod(ctx.shape))
-        spread = (np.bincount(np.broadcast_to(ctx.index[:, None], ctx.around.shape).ravel(),
-                              weighted.ravel(), size)
-                  - np.bincount(ctx.around.ravel(), weighted.ravel(), size))
-        grad_source = torch.from_numpy(spread.reshape(ctx.shape))
-        grad_target = -grad_source
-        grad_target.view(-1)[torch.from_numpy(ctx.index.ravel())] += grad.double().ravel()
-        return (grad_target.to(ctx.dtypes[0]), grad_source.to(ctx.dtypes[1]),
-                None, None, None)
+        return torch.from_numpy(np.ascontiguousarray(z)), None, None
 
 
 _BLAS: list | None = None

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from adcore.poisson.domain import NEIGHBOURS, MaskedDomain, eq7_rhs
 from adcore.poisson.spectral import _dirichlet_eigenvalues, poisson_solve_rectangle
 
 __all__ = ["SolveInfo", "clear_cuda_graphs"]
@@ -39,6 +40,8 @@ class SolveInfo:
             solver).
         solver: ``"cg"`` (conjugate gradients), ``"direct"`` (factorisation: band Cholesky
             or sparse LU, no iterations) or ``"capacitance"``.
+        reason: why this solver (and preconditioner) was used
+            (:func:`adcore.poisson.choose.choose_solver`).
     """
 
     iterations: int
@@ -46,6 +49,7 @@ class SolveInfo:
     converged: bool
     preconditioner: str
     solver: str = "cg"
+    reason: str = ""
 
 
 # --------------------------------------------------------------------------- the masked system
@@ -56,38 +60,6 @@ def _bucket(length: int) -> int:
     return max(256, 1 << (length - 1).bit_length())
 
 
-def masked_rhs(target: Tensor, source: Tensor, index: Tensor, offsets: Tensor,
-               guidance: str) -> Tensor:
-    """b_p = Σ_{q ∈ N_p} (v_pq − (f*_p − f*_q)) at the masked pixels only: (C, N).
-
-    Gathers the few pixels it needs instead of differentiating whole images.
-
-    Args:
-        target, source: (B, C, H, W).
-        index: (C, N) positions of the masked pixels in the flattened images.
-        offsets: (4, N) flat offsets of each pixel's four neighbours, 0 for a neighbour
-            outside the image (whose difference is then zero: the natural boundary condition).
-        guidance: ``"source"`` or ``"mixed"``.
-    """
-    source_p, target_p = source.take(index), target.take(index)
-    rhs = torch.zeros_like(source_p)
-    # one gather per side: indices within a gather stay unique, which keeps the backward
-    # pass (a scatter-add) deterministic on GPUs
-    for offset in offsets:
-        d_source = source_p - source.take(index + offset)
-        d_target = target_p - target.take(index + offset)
-        if guidance == "mixed":
-            # Pérez et al.'s mixed seamless cloning: the target's difference where it is
-            # the stronger one, the source's otherwise (ties go to the source).
-            guide = torch.where(d_target.abs() > d_source.abs(), d_target, d_source)
-        else:
-            guide = d_source
-        rhs = rhs + (guide - d_target)
-    return rhs
-
-
-#: the 4-neighbours (dy, dx): up, left, right, down
-_NEIGHBOURS = ((-1, 0), (0, -1), (0, 1), (1, 0))
 
 
 class _MaskedSystem:
@@ -114,7 +86,7 @@ class _MaskedSystem:
         pixel = (b * height + y) * width + x                      # index into (B, H, W)
         index_of = torch.full((batch * height * width,), -1, dtype=torch.long, device=device)
         index_of[pixel] = torch.arange(count, device=device)
-        steps = torch.tensor(_NEIGHBOURS, device=device)          # (4, 2): (dy, dx) per side
+        steps = torch.tensor(NEIGHBOURS, device=device)          # (4, 2): (dy, dx) per side
         dy, dx = steps[:, :1], steps[:, 1:]
         inside = (y + dy >= 0) & (y + dy < height) & (x + dx >= 0) & (x + dx < width)  # (4, N)
         # a neighbour outside the image is replaced by the pixel itself in the right-hand
@@ -128,6 +100,9 @@ class _MaskedSystem:
         self.pixel_degree = degree
         self.max_count = max_count
         self.item, self.coords, self.offsets = b, coords, offsets
+        # Ω in raster order; its offsets are ``offsets`` (the neighbour replaced by the pixel
+        # itself outside the image)
+        self.domain = MaskedDomain(b, y, x, batch, height, width)
         self.count, self.batch, self.channels = count, batch, channels
         self.height, self.width, self.dtype = height, width, dtype
         self._coupled, self._found, self._counts = coupled, found, counts
@@ -162,10 +137,7 @@ class _MaskedSystem:
     # ---- pixels <-> columns
     def flat_index(self) -> Tensor:
         """(C, N): positions of every channel and masked pixel in a flattened (B, C, H, W)."""
-        plane = self.height * self.width
-        b, y, x = self.coords.unbind(1)
-        base = b * (self.channels * plane) + y * self.width + x
-        return base[None, :] + torch.arange(self.channels, device=base.device)[:, None] * plane
+        return self.domain.flat_index(self.channels)
 
     def to_columns(self, values: Tensor) -> Tensor:
         """(C, N) values at the masked pixels -> the padded (C, B, L) layout (differentiable)."""
@@ -177,8 +149,8 @@ class _MaskedSystem:
         return values.reshape(self.channels, -1).index_select(1, self.column)
 
     def rhs(self, target: Tensor, source: Tensor, guidance: str) -> Tensor:
-        """b at the masked pixels, (C, N): :func:`masked_rhs`."""
-        return masked_rhs(target, source, self.flat_index(), self.offsets, guidance)
+        """b at the masked pixels, (C, N): :func:`adcore.poisson.domain.eq7_rhs`."""
+        return eq7_rhs(target, source, self.flat_index(), self.offsets, guidance)
 
     def matvec(self, p: Tensor) -> Tensor:
         """A·p for a (C, B, L) tensor; padding and sentinels of the result stay zero."""
