@@ -11,6 +11,8 @@ import importlib
 import sys
 from pathlib import Path
 
+from adcore.own.cli import COMMANDS as OWN_COMMANDS
+from adcore.own.cli import add_commands, run_command
 from adcore.repro.common import DATASETS, METHODS, ReproArgs, run_method
 
 LOSSES = ("none", "boundary", "cl", "likelihood", "fusion")
@@ -51,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     tables.add_argument("--root", type=Path, default=None)
     tables.add_argument("--device", default=None)
     tables.add_argument("--fast", action="store_true")
+    add_commands(sub)  # fit and score: a reader's own images (adcore.own)
     return parser
 
 
@@ -58,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m adcore`` and of the ``adcore`` script."""
     args = _parser().parse_args(argv)
     try:
+        if args.command in OWN_COMMANDS:
+            return run_command(args)
         if args.command == "repro":
             if args.out.suffix != ".json":
                 raise ValueError(f"--out {args.out}: expected a .json file name")
