@@ -31,7 +31,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     fit.add_argument("--train", type=Path, required=True, help="folder of normal images")
     fit.add_argument("--image-size", type=int, default=None,
                      help="model input side in pixels (default: "
-                          + ", ".join(f"{k} {v}" for k, v in DEFAULT_IMAGE_SIZE.items()) + ")")
+                          + ", ".join(f"{k} {v}" for k, v in DEFAULT_IMAGE_SIZE.items())
+                          + "; the papers use 256, affordable on a GPU)")
     fit.add_argument("--epochs", type=int, default=None,
                      help="training passes (default: "
                           + ", ".join(f"{k} {v}" for k, v in DEFAULT_EPOCHS.items()) + ")")
