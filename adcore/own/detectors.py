@@ -30,10 +30,10 @@ __all__ = ["DEFAULT_EPOCHS", "DEFAULT_IMAGE_SIZE", "METHODS", "anomaly_maps", "b
            "default_settings", "load_weights", "train_model", "weights_to_save"]
 
 METHODS = ("cflow", "vqvae")
-#: CFlow-AD at 128 (not the paper's 256): on a 2-core CPU a 256² model scores about 5
-#: images/s, a 128² one about 20 (``benchmarks/own_images.py``); pass --image-size 256 on a GPU
+#: CFlow-AD at 128 (not the paper's 256): a 256² model costs 3.3x the CPU time per scored
+#: image (``benchmarks/RESULTS.md``); pass --image-size 256 on a GPU
 DEFAULT_IMAGE_SIZE = {"cflow": 128, "vqvae": 128}
-#: chosen so that ``fit cflow`` on 700 images ends within about 10 minutes on a 2-core CPU
+#: ``fit cflow`` with these on 700 images took 555 s on the (busy) 2-core machine
 DEFAULT_EPOCHS = {"cflow": 8, "vqvae": 15}
 CFLOW_BATCH = 8
 VQVAE_BATCH = 16
