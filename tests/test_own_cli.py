@@ -296,3 +296,15 @@ def test_fit_and_score_on_the_shared_crack_data(tmp_path: Path, capsys: pytest.C
     height, width = test[cracked[0]]["image"].shape[1:]
     amap = np.asarray(Image.open(tmp_path / "res" / "maps" / f"cracked{cracked[0]}.tiff"))
     assert amap.shape == (height, width)
+
+
+def test_results_inside_the_image_folder_are_not_scored_again(
+        cflow_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    images = tmp_path / "new"
+    make_folder(images, 2)
+    for _ in range(2):  # the second run finds the first run's PNGs under new/res and skips them
+        code, out = run(["score", "--model", cflow_model, "--images", images, "--out",
+                         images / "res", "--force"], capsys)
+        assert code == 0, out
+    rows = read_csv(images / "res" / "scores.csv")
+    assert [r["path"] for r in rows] == ["img00.png", "img01.png"]
