@@ -24,7 +24,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "fit", help="train a detector on a folder of normal images",
         description="Train METHOD on the normal images under --train (searched recursively; "
                     "grey or colour, any size, resized to the model's size). A share of them "
-                    "(10 %%, at least 20) is held back: their scores set the thresholds at the "
+                    "(10 %, at least 20) is held back: their scores set the thresholds at the "
                     "false-alarm rate --fpr. Writes one model file.")
     fit.add_argument("method", nargs="?", default="cflow", choices=METHODS,
                      help="cflow (CFlow-AD on the offline EfficientNet-Lite0; default) or vqvae")
