@@ -20,6 +20,8 @@ from adcore._env import configure_at_startup, configure_threads, threads_setting
 configure_at_startup(sys.argv[1:])
 
 from adcore.losses import FLOW_LOSS_KINDS, MASK_RULES  # noqa: E402
+from adcore.own.cli import COMMANDS as OWN_COMMANDS  # noqa: E402
+from adcore.own.cli import add_commands, run_command  # noqa: E402
 from adcore.repro.common import DATASETS, METHODS, ReproArgs, results_dir, run_method  # noqa: E402
 from adcore.sweep import add_sweep_parser, run_sweep  # noqa: E402
 from adcore.train.contrastive import FUSION_WEIGHTS  # noqa: E402
@@ -95,6 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     tables.add_argument("--dataset", dest="datasets", nargs="+", default=None,
                         help="only these data sets (vqvae: synthetic mvtec ucsd-ped1 cifar10)")
     add_sweep_parser(sub, repro)
+    add_commands(sub)  # fit and score: a reader's own images (adcore.own)
     return parser
 
 
@@ -124,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         threads = threads_setting(sys.argv[1:] if argv is None else argv)
         if threads is not None:  # also for main() called where torch is already loaded
             configure_threads(threads)
+        if args.command in OWN_COMMANDS:
+            return run_command(args)
         if args.command == "repro":
             fields = {k: v for k, v in vars(args).items() if k not in ("command", "threads")}
             out = run_method(ReproArgs(**fields))
