@@ -48,10 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
+import tomllib
 
 __all__ = ["EXECUTORS", "Run", "SweepError", "add_sweep_parser", "load_manifest",
            "plan_runs", "run_sweep"]
