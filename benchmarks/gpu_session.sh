@@ -15,7 +15,7 @@ set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 export ADCORE_GIT_COMMIT=${ADCORE_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
-export ADCORE_DATA=${ADCORE_DATA:-/tmp/adcore-data} ADCORE_SHARED_DATA=$PWD/.gpu/data
+export ADCORE_DATA=${ADCORE_DATA:-$PWD/.gpu/adcore-data} ADCORE_SHARED_DATA=$PWD/.gpu/data
 export ADCORE_CRACKS=$PWD/.gpu/data ADCORE_PROGRESS=0 PYTHONPATH=$PWD
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/device.txt"
 step() { echo "== $(date +%T) $1" | tee -a "$OUT/steps.log"; }
