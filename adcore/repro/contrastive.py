@@ -37,6 +37,7 @@ from typing import Any
 from adcore.repro.common import ReproArgs, load_datasets
 from adcore.runtime import fast_mode
 from adcore.train.contrastive import (
+    PAPER_EPOCHS,
     SyntheticAnomalyAugment,
     make_contrastive,
     paper_train_config,
@@ -315,7 +316,8 @@ def result_name(dataset: str, target: str, loss: str, fast: bool, *, seed: int =
     for ``--fast``, ``_e<N>`` for a run shorter than the paper's, and the values of the
     variant that differ from :data:`DEFAULT_VARIANT` (e.g. ``_nll_area``).
     """
-    schedule = "_fast" if fast else (f"_e{epochs}" if epochs is not None and epochs < 200 else "")
+    schedule = ("_fast" if fast else
+                f"_e{epochs}" if epochs is not None and epochs < PAPER_EPOCHS else "")
     variant = {**DEFAULT_VARIANT, **(variant or {})}
     differs = "".join(f"_{v}" for k, v in variant.items() if v != DEFAULT_VARIANT[k])
     return f"cflow_{dataset}_{target}_{loss}{schedule}{differs}_s{seed}.json"

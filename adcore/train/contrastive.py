@@ -97,6 +97,11 @@ LOG_P_UNITS = ("dimension", "fiber")
 FUSION_WEIGHTS = ("sum", "literal")
 
 
+#: the paper's number of epochs (Sec. 3.2), the reference of :func:`scaled_schedule`
+PAPER_EPOCHS = 200
+PAPER_MILESTONES = (50, 75, 90)
+
+
 def paper_train_config(**overrides: object) -> CFlowTrainConfig:
     """The training settings of the civil-engineering paper (Sec. 3.2), overridable.
 
@@ -110,16 +115,12 @@ def paper_train_config(**overrides: object) -> CFlowTrainConfig:
     Returns:
         The configuration.
     """
-    settings: dict[str, object] = {"epochs": 200, "sub_epochs": 1, "batch_size": 8, "lr": 2e-4,
-                                   "schedule": "step", "milestones": (50, 75, 90), "gamma": 0.1,
+    settings: dict[str, object] = {"epochs": PAPER_EPOCHS, "sub_epochs": 1, "batch_size": 8,
+                                   "lr": 2e-4, "schedule": "step",
+                                   "milestones": PAPER_MILESTONES, "gamma": 0.1,
                                    "flow_loss": "logsigmoid"}
     settings.update(overrides)
     return CFlowTrainConfig(**settings)  # type: ignore[arg-type]
-
-
-#: the paper's number of epochs (Sec. 3.2), the reference of :func:`scaled_schedule`
-PAPER_EPOCHS = 200
-PAPER_MILESTONES = (50, 75, 90)
 
 
 def scaled_schedule(epochs: int) -> dict[str, object]:
