@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import types
 from pathlib import Path
 
@@ -185,14 +186,45 @@ def test_interrupted_run_resumes_with_the_same_command(tmp_path, monkeypatch) ->
 
 
 def test_runs_are_spread_over_gpus(tmp_path, monkeypatch) -> None:
+    """Two GPUs, four runs: two run at once, never two on one GPU, and both GPUs are used.
+
+    The first two processes wait for each other, so they must be running at the same time:
+    the order in which finished runs hand their GPU back is left to the scheduler."""
     manifest = _manifest(tmp_path, TWO_RUNS.replace('device = "cpu"\n', "").replace(
         "seed = [0, 1]", "seed = [0, 1, 2, 3]"))
-    fake = _FakeProcesses()
-    monkeypatch.setattr(sweep.subprocess, "Popen", fake)
+    both_started = threading.Barrier(2, timeout=30)
+    lock = threading.Lock()
+    busy: set[str] = set()
+    clashes: list[str] = []
+    calls: list[str] = []
+
+    def popen(command, env, stdout, stderr):
+        gpu = env["CUDA_VISIBLE_DEVICES"]
+        with lock:
+            if gpu in busy:
+                clashes.append(gpu)
+            busy.add(gpu)
+            calls.append(gpu)
+            first_two = len(calls) <= 2
+
+        class Process:
+            def wait(self) -> int:
+                if first_two:
+                    both_started.wait()
+                Path(command[command.index("--out") + 1]).write_text("{}")
+                with lock:
+                    busy.discard(gpu)
+                return 0
+
+        return Process()
+
+    monkeypatch.setattr(sweep.subprocess, "Popen", popen)
     monkeypatch.setattr(sweep, "_gpu_count", lambda: 2)
-    sweep.run_sweep(manifest, tmp_path / "out", _repro_parser(), report=lambda line: None)
-    visible = sorted(env["CUDA_VISIBLE_DEVICES"] for _, env in fake.calls)
-    assert visible == ["0", "0", "1", "1"]
+    outcome = sweep.run_sweep(manifest, tmp_path / "out", _repro_parser(),
+                              report=lambda line: None)
+    assert len(outcome["ran"]) == 4 and len(calls) == 4
+    assert not clashes, f"GPU(s) {clashes} given to two runs at once"
+    assert sorted(calls[:2]) == ["0", "1"]  # the two runs at once were on different GPUs
 
 
 def test_failed_runs_are_named_with_their_logs(tmp_path, monkeypatch, capsys) -> None:
