@@ -51,14 +51,24 @@ def test_fast_mode_and_cli_overrides(tmp_path, monkeypatch):
         runner.resolve_settings(_args(tmp_path, dataset="cracks"))
 
 
+def config_conventions(result: dict) -> dict:
+    return result["config"]["ssim_conventions"]
+
+
 def test_synthetic_run_writes_the_contract(tmp_path):
     """A tiny end-to-end run: train, evaluate both variants, write the JSON with provenance."""
     args = _args(tmp_path, fast=True, epochs=2, image_size=32, category="tile")
     out = run_method(args)
     result = json.loads(out.read_text())
     assert set(result["metrics"]) == set(METRIC_KEYS)
-    assert set(result["variants"]) == {"ssim", "am", "ssim+am", "mean_image"}
+    conventions = {f"{v}@{c}" for v in ("ssim", "ssim+am") for c in runner.SSIM_CONVENTIONS}
+    assert set(result["variants"]) == {"ssim", "am", "ssim+am", "mean_image"} | conventions
     assert result["metrics"] == result["variants"]["ssim+am"]
+    # SM = SSIM ranks pixels backwards (a similarity); the printed constants change the map too
+    assert (result["variants"]["ssim@sm=ssim"]["pixel_auroc"]
+            < result["variants"]["ssim"]["pixel_auroc"])
+    assert result["variants"]["ssim@paper_c"] != result["variants"]["ssim"]
+    assert config_conventions(result) == runner.SSIM_CONVENTIONS
     for values in result["variants"].values():
         assert all(0.0 <= v <= 1.0 for v in values.values())
     config = result["config"]
@@ -224,3 +234,28 @@ def test_cpu_runs_of_cifar_take_the_cpu_model_and_say_so(tmp_path, monkeypatch):
     assert synthetic["preset"] == "paper"  # already CPU-sized: no CPU overrides
     assert runner.resolve_settings(_args(tmp_path, dataset="cifar10", fast=True),
                                    torch.device("cpu"))["preset"] == "fast"
+
+
+def test_ssim_ablation_reads_every_category_and_seed(tmp_path):
+    """The ablation averages seeds within a category, then categories, and pairs by run."""
+    def write(category: str, seed: int, base: float) -> None:
+        variants = {"ssim": {"pixel_auroc": base}, "ssim+am": {"pixel_auroc": base + 0.1}}
+        for i, name in enumerate(runner.SSIM_CONVENTIONS):
+            variants[f"ssim@{name}"] = {"pixel_auroc": base - 0.1 * (i + 1)}
+            variants[f"ssim+am@{name}"] = {"pixel_auroc": base + 0.1}
+        result = {"metrics": {}, "variants": variants, "provenance": {},
+                  "config": {"method": "vqvae", "seed": seed}}
+        name = runner.result_name("synthetic", category, seed)
+        (tmp_path / name).write_text(json.dumps(result))
+
+    assert runner.ssim_ablation(tmp_path) == []  # nothing run
+    write("tile", 0, 0.8)
+    write("tile", 1, 0.6)
+    write("nut", 0, 0.5)
+    rows = {(r["convention"], r["map"]): r for r in runner.ssim_ablation(tmp_path)}
+    authors = rows[("authors", "ssim")]
+    assert authors["per_category"] == pytest.approx({"nut": 0.5, "tile": 0.7})
+    assert authors["mean"] == pytest.approx(0.6) and authors["paired"] is None
+    first = rows[("paper_c", "ssim")]["paired"]
+    assert first["mean"] == pytest.approx(-0.1) and first["n"] == 3 and first["std"] == pytest.approx(0)
+    assert rows[("sm=ssim", "ssim+am")]["paired"]["mean"] == pytest.approx(0.0)

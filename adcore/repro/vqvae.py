@@ -61,6 +61,7 @@ __all__ = [
     "PAPER_TABLE3",
     "evaluate_model",
     "extremes",
+    "SSIM_CONVENTIONS",
     "TABLE_VARIANTS",
     "load_results",
     "resolve_settings",
@@ -73,6 +74,16 @@ __all__ = [
 DATASETS: tuple[str, ...] = ("synthetic", "mvtec", "ucsd-ped1", "cifar10")
 #: the variant whose metrics are the run's main ``metrics``
 MAIN_VARIANT = "ssim+am"
+
+#: Readings of Eq. 5 where the paper is ambiguous (chapter 4), evaluated beside the main maps
+#: of every pixel-level run and stored as ``variants["<ssim|ssim+am>@<name>"]``: the
+#: constants as printed (c1 = 0.01, c2 = 0.03 instead of Wang's (K L)²), SM = SSIM as
+#: written instead of 1 − SSIM, and both. The main maps follow the authors' code.
+SSIM_CONVENTIONS: dict[str, dict[str, str]] = {
+    "paper_c": {"ssim_constants": "paper"},
+    "sm=ssim": {"sm_form": "ssim"},
+    "paper_c+sm=ssim": {"ssim_constants": "paper", "sm_form": "ssim"},
+}
 
 
 def _paper_model(**kw: Any) -> dict[str, Any]:
@@ -321,6 +332,12 @@ def run(args: ReproArgs) -> dict[str, Any]:
                               pixel_level=args.dataset != "cifar10",
                               batch_size=max(8, train_config.batch_size), scores_out=scores)
     map_config: MapConfig = settings["maps"]
+    if args.dataset != "cifar10":  # the ablation of chapter 4 is about pixel maps
+        for name, convention in SSIM_CONVENTIONS.items():
+            other = evaluate_model(model, test_set, replace(map_config, **convention), device,
+                                   batch_size=max(8, train_config.batch_size))
+            for variant in ("ssim", "ssim+am"):
+                variants[f"{variant}@{name}"] = other[variant]
     # The baseline with the SM's post-processing: the SSIM window's averaging, its dilation.
     variants["mean_image"] = mean_image_metrics(
         train_set, test_set, window_size=map_config.window_size or 7,
@@ -338,6 +355,7 @@ def run(args: ReproArgs) -> dict[str, Any]:
         "model": settings["model"].to_dict(),
         "train": settings["train"].to_dict(),
         "maps": settings["maps"].to_dict(),
+        "ssim_conventions": SSIM_CONVENTIONS if args.dataset != "cifar10" else None,
         "data": {**settings["data"], "n_train_images": len(train_set), "n_test_images": len(test_set)},
         "summary": {
             "steps": history.steps[-1] if history.steps else 0,
@@ -564,3 +582,53 @@ def results_table(results_dir: str | Path, table: int | str, metric: str | None 
             for seed, r in zip(row["seeds"], results)] or None
         out.append(row)
     return out
+
+
+def ssim_ablation(results_dir: str | Path, dataset: str = "synthetic",
+                  metric: str = "pixel_auroc") -> list[dict[str, Any]]:
+    """Chapter 4's ablation of Eq. 5's readings over every category and seed that was run.
+
+    Reads the ``ssim@<convention>`` and ``ssim+am@<convention>`` variants that every
+    pixel-level result file holds (:data:`SSIM_CONVENTIONS`) beside the main ``ssim`` and
+    ``ssim+am`` maps (the authors' code: Wang's constants, 1 − SSIM).
+
+    Args:
+        results_dir: folder of the result files.
+        dataset: ``synthetic`` or ``mvtec``.
+        metric: one of :data:`METRIC_KEYS` (default: pooled pixel AUROC).
+
+    Returns:
+        One dict per (convention, map): ``convention`` (``authors`` or a key of
+        :data:`SSIM_CONVENTIONS`), ``map`` (``ssim`` or ``ssim+am``), ``per_category``
+        (category -> mean over its seeds), ``mean`` (mean of the category means), and
+        ``paired`` (mean, std and n over every (category, seed) of the difference to the
+        same map with the authors' reading; None for the authors' rows). Empty when no file
+        holds the variants.
+    """
+    from adcore.data import MVTEC_CATEGORIES, SYNTHETIC_CATEGORIES
+    from adcore.repro.common import seed_stats
+
+    categories = sorted(SYNTHETIC_CATEGORIES) if dataset == "synthetic" else list(MVTEC_CATEGORIES)
+    runs = {c: [r for r in load_results(results_dir, dataset, c)
+                if any("@" in name for name in r.get("variants", {}))] for c in categories}
+    runs = {c: found for c, found in runs.items() if found}
+    if not runs:
+        return []
+    rows = []
+    for convention in ("authors", *SSIM_CONVENTIONS):
+        for map_name in ("ssim", "ssim+am"):
+            key = map_name if convention == "authors" else f"{map_name}@{convention}"
+            per_category, differences = {}, []
+            for category, results in runs.items():
+                values = [r["variants"][key][metric] for r in results]
+                per_category[category] = float(sum(values) / len(values))
+                differences += [r["variants"][key][metric] - r["variants"][map_name][metric]
+                                for r in results]
+            paired = None
+            if convention != "authors":
+                stats = seed_stats(differences)
+                paired = {"mean": stats["mean"], "std": stats["std"], "n": stats["n"]}
+            rows.append({"convention": convention, "map": map_name, "per_category": per_category,
+                         "mean": float(sum(per_category.values()) / len(per_category)),
+                         "paired": paired})
+    return rows
