@@ -291,6 +291,61 @@ def test_capacitance_mirrors_masks_on_the_image_border() -> None:
         np.testing.assert_allclose(out[b].numpy(), expected, atol=1e-11, rtol=0)
 
 
+def test_capacitance_solves_any_right_hand_side_on_the_shared_domain() -> None:
+    """The capacitance method is a solve of A u = b in the order of the batch's MaskedDomain
+    (raster order), for any b: A u = b on Ω (A the graph Laplacian with the natural border,
+    u = 0 outside Ω), mirrored masks included; the ring's charges hold u at zero on ∂Ω and
+    sum to −Σb; the blend's values are the target plus the solve of Eq. 7's b."""
+    from adcore.poisson.capacitance import (
+        Capacitance,
+        CapacitanceSolve,
+        capacitance_solve,
+        item_geometry,
+        ring_charges,
+    )
+    from adcore.poisson.domain import MaskedDomain
+
+    rng = np.random.default_rng(21)
+    height, width = 17, 21
+    masks = np.zeros((4, height, width), bool)
+    masks[0] = blob_mask(rng, height, width, 0.3)
+    masks[0, [0, -1]] = False
+    masks[0, :, [0, -1]] = False
+    masks[1, :5, 3:9] = True                                   # on the top border
+    masks[2, 11:, 14:] = True                                  # in a corner
+    masks[3, 6:9, 8:12] = True
+    mask = torch.from_numpy(masks)
+    domain = MaskedDomain.from_mask(mask)
+    geometries = [item_geometry(masks[b], b) for b in range(4)]
+    rhs = torch.from_numpy(rng.normal(size=(2, domain.count)))
+    u = CapacitanceSolve.apply(rhs, geometries)
+    image = torch.zeros(4 * 2 * height * width, dtype=torch.float64)
+    image[domain.flat_index(2).flatten()] = u.flatten()
+    image = image.view(4, 2, height, width).permute(1, 0, 2, 3)   # channel-major, as b
+    applied = laplacian(image.reshape(8, 1, height, width)).view(2, 4, height, width)
+    torch.testing.assert_close(applied[:, mask], rhs, atol=1e-11, rtol=0)
+    # one item alone, and its charges
+    first = (domain.item == 0).numpy()
+    b0 = rhs.numpy()[:, first]
+    np.testing.assert_allclose(capacitance_solve(b0, geometries[0]), u.numpy()[:, first],
+                               atol=1e-12, rtol=0)
+    charges, shift = ring_charges(b0, geometries[0])
+    np.testing.assert_allclose(charges.sum(1), -b0.sum(1), atol=1e-10)
+    solver = Capacitance(geometries[0])
+    on_ring = solver.convolve(np.concatenate([b0, charges], 1),
+                              np.concatenate([geometries[0].copies_torus,
+                                              geometries[0].ring_torus]),
+                              geometries[0].ring_torus) + shift[:, None]
+    np.testing.assert_allclose(on_ring, 0, atol=1e-11)
+    # the blend: target + A⁻¹ b, b from the shared right-hand side of Eq. 7
+    target, source = torch.from_numpy(rng.random((2, 4, 3, height, width)))
+    blended = poisson_blend(target, source, mask[:, None], solver="capacitance")
+    solved = CapacitanceSolve.apply(domain.rhs(target, source, "source"), geometries)
+    index = domain.flat_index(3)
+    torch.testing.assert_close(blended.take(index), target.take(index) + solved, atol=1e-12,
+                               rtol=0)
+
+
 def test_every_solver_reads_images_of_any_memory_layout() -> None:
     """Channels-last (non-contiguous) images give the contiguous images' blend, contiguous."""
     target, source, mask = off_border_case(seed=8, batch=2)

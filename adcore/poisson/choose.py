@@ -3,7 +3,7 @@
 :func:`adcore.poisson.poisson_blend` offers three exact solvers of Eq. 7 (conjugate gradients,
 a factorisation of A, the capacitance method) and an ``"auto"`` choice among them. Every rule
 of that choice lives here, each with the measurement that set it; the blend only carries out
-the :class:`SolverChoice` this function returns. Chapter 7 (``book/07_poisson``) and
+the :class:`SolverChoice` this function returns. Chapter 11 (``book/11_poisson_solvers``) and
 ``benchmarks/poisson.py`` compare the solvers.
 
 The rules of ``solver="auto"``:
@@ -166,7 +166,7 @@ def choose_solver(mask: Tensor, device: torch.device | str, *, guidance: str = "
             reason = f"auto on {device.type}: the factorisations run on the CPU"
         elif lines is None:
             reason = (f"auto on the CPU with guidance={guidance!r} (the capacitance method "
-                      "solves the source guidance only): factorise A")
+                      "is offered for the source guidance only): factorise A")
         elif int(lines.min(1).max(initial=0)) <= AUTO_CAPACITANCE_MIN_BAND:
             reason = (f"auto on the CPU: every item's band <= {AUTO_CAPACITANCE_MIN_BAND} "
                       "pixels: factorise A")
@@ -214,7 +214,7 @@ def capacitance_plan(mask: Tensor, guidance: str,
     """
     if guidance != "source":
         if required:
-            raise ValueError(f"solver='capacitance' solves the paper's guidance only "
+            raise ValueError(f"solver='capacitance' is offered for the paper's guidance only "
                              f"(guidance='source', v = ∇source), not guidance={guidance!r}; "
                              "use solver='direct' or 'cg'")
         return None
