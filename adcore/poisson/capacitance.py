@@ -78,7 +78,10 @@ MAX_RING = 4096
 #: single masks on one CPU thread, against the band Cholesky: 1.3-6.5× faster on discs and
 #: blobs with bands over 32 pixels (1.4 against 3.4 ms for a disc of radius 30), even to
 #: 2.6× faster on discs touching the border (6.4 √N), even on cracks grown to 4.4-4.8 √N,
-#: and 1.2-5× slower on the benchmark's cracks (5.4 √N and more).
+#: and 1.2-5× slower on the benchmark's cracks (5.4 √N and more). These figures are those of
+#: the method's earlier form (the harmonic membrane over the source–target mismatch, one
+#: FFT); solving the shared right-hand side of Eq. 7 costs its gathers and a second FFT, and
+#: ``benchmarks/poisson.py`` (one thread, 8 blobs) went from 3.5 to 5.1 ms per blob with it.
 AUTO_RING_PER_ROOT_AREA = 7.0
 
 

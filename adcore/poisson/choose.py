@@ -50,7 +50,8 @@ AUTO_DIRECT_MAX_COMPACT = 4096
 #: most this many pixels, and otherwise considers the capacitance method first (measured with
 #: ``benchmarks/poisson.py``'s masks and discs: the band Cholesky is faster on discs up to a
 #: band of 19 and even at 29, the capacitance method from a band of 39 on; the ring constant
-#: of :mod:`adcore.poisson.capacitance` keeps cracks off it)
+#: of :mod:`adcore.poisson.capacitance` keeps cracks off it; measured before that method
+#: solved the shared right-hand side, which made it slower: see its ``AUTO_RING_PER_ROOT_AREA``)
 AUTO_CAPACITANCE_MIN_BAND = 32
 #: "auto" uses the sine-transform preconditioner for masks that are thick (2 × area / boundary
 #: length of the thickest item, in pixels: about the width of a stroke, 0.8 × the radius of a
