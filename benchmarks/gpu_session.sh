@@ -21,7 +21,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/device.txt"
 step() { echo "== $(date +%T) $1" | tee -a "$OUT/steps.log"; }
 
 step "CUDA tests (CG and capacitance blends, fused flows, CUDA graphs, VQ-VAE fast path)"
-timeout 240 python -m pytest tests/test_poisson.py tests/test_flows.py tests/test_train_vqvae.py \
+timeout 240 python -m pytest tests/test_poisson_*.py tests/test_flows.py tests/test_train_vqvae.py \
   tests/test_vqvae.py tests/test_maps.py -q -p no:cacheprovider -k "cuda or gpu" \
   > "$OUT/cuda_tests.log" 2>&1; tail -3 "$OUT/cuda_tests.log"
 

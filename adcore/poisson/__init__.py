@@ -35,12 +35,12 @@ Solvers:
   item: by band Cholesky with the pixels numbered across the mask (a thin crack then has a
   narrow band), or by sparse LU where the band is wide. Exact to float64 rounding, and the
   fastest method there for cracks.
-- ``solver="capacitance"`` (:mod:`adcore.poisson.capacitance`) writes the harmonic correction
-  as the potential of charges on the m boundary pixels, with the Laplacian's Green's function
-  on a torus: one m × m dense factorisation and one FFT on the bounding box. For compact masks
-  (m ~ √N), whose band is wide, it is the fastest exact method on the CPU; it needs the source
-  guidance, and masks on the image border are mirrored across it (two opposite borders are
-  refused). ``solver="auto"`` on the CPU factorises A when the band is narrow, takes the
+- ``solver="capacitance"`` (:mod:`adcore.poisson.capacitance`) solves the same A u = b with
+  the Laplacian's Green's function on a torus and charges on the m boundary pixels that hold
+  u at zero there: one m × m dense factorisation and two FFTs on the bounding box. For compact
+  masks (m ~ √N), whose band is wide, it is the fastest exact method on the CPU; it is offered
+  for the source guidance (where its "auto" rule was measured), and masks on the image border
+  are mirrored across it (two opposite borders are refused). ``solver="auto"`` on the CPU factorises A when the band is narrow, takes the
   capacitance method for compact masks with a wide band, and otherwise factorises A (or uses
   CG for large compact masks that neither suits): one pure function decides and says why,
   :func:`adcore.poisson.choose.choose_solver` (the reason is ``SolveInfo.reason``).
@@ -49,7 +49,8 @@ Solvers:
   boundary and the target's own gradient as guidance outside the mask. It changes pixels
   outside the mask too.
 
-Chapter 7 (``book/07_poisson``) derives all of this and compares the solvers.
+Chapter 7 (``book/07_poisson``) derives the blend and measures what it does for a detector;
+chapter 11 (``book/11_poisson_solvers``) derives the solvers and compares them.
 """
 
 from __future__ import annotations

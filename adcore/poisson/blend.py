@@ -1,6 +1,7 @@
 """The blend itself: validation, the solve :func:`adcore.poisson.choose.choose_solver` chose,
 and the bounding-box approximation. The public functions and their documentation are in
-:mod:`adcore.poisson`; chapter 7 (``book/07_poisson``) derives the mathematics.
+:mod:`adcore.poisson`; chapter 7 (``book/07_poisson``) derives the mathematics, chapter 11
+(``book/11_poisson_solvers``) the solvers.
 """
 
 from __future__ import annotations
@@ -131,10 +132,8 @@ def blend(target: Tensor, source: Tensor, mask: Tensor, *, guidance: str, tol: f
         return target.clone(), _nothing_solved(preconditioner, solver, choice.reason)
     target_w, source_w = target.to(work), source.to(work)
     if choice.name == "capacitance":
-        inside, index = capacitance.blend_inside(target_w, source_w, choice.geometries)
-        residual = (_capacitance_residual(mask_bool, target_w, source_w, inside, index)
-                    if measure else float("nan"))
-        info = SolveInfo(0, residual, True, "none", "capacitance", choice.reason)
+        inside, index, info = _solve_capacitance(target_w, source_w, mask_bool, choice,
+                                                 guidance, measure)
     elif choice.name == "direct":
         inside, index, info = _solve_direct(target_w, source_w, choice, guidance, measure)
     else:
@@ -168,6 +167,19 @@ def _solve_direct(target_w: Tensor, source_w: Tensor, choice: SolverChoice, guid
         start = (source_w.take(index).double() - target_in.double()).detach().numpy()
         residual = _relative_residual(pixels, *report[0], start)
     return inside, index, SolveInfo(0, residual, True, "none", "direct", choice.reason)
+
+
+def _solve_capacitance(target_w: Tensor, source_w: Tensor, mask: Tensor, choice: SolverChoice,
+                       guidance: str, measure: bool) -> tuple[Tensor, Tensor, SolveInfo]:
+    """The capacitance method (host, NumPy): (values at Ω, their positions, info)."""
+    domain = MaskedDomain.from_mask(mask)                 # raster order, as the geometries
+    index = domain.flat_index(target_w.shape[1])
+    rhs = domain.rhs(target_w, source_w, guidance, dtype=torch.float64)
+    u = capacitance.CapacitanceSolve.apply(rhs, choice.geometries)
+    inside = (target_w.take(index) + u).to(target_w.dtype)
+    residual = (_capacitance_residual(mask, target_w, source_w, inside, index)
+                if measure else float("nan"))
+    return inside, index, SolveInfo(0, residual, True, "none", "capacitance", choice.reason)
 
 
 def _solve_cg(target_w: Tensor, source_w: Tensor, choice: SolverChoice, guidance: str, *,

@@ -1,48 +1,54 @@
 """The masked Poisson system solved by the capacitance-matrix method: compact masks, exactly.
 
-For a mask Ω and the source's gradient as guidance (the paper's choice, Eq. 5–6), the blend
-is the source minus a discrete-harmonic correction:
+Every solver of :mod:`adcore.poisson` solves the same system, Pérez et al.'s Eq. 7 written as
+A u = b with f = f* + u (A the 5-point graph Laplacian restricted to Ω, b from
+:func:`adcore.poisson.domain.eq7_rhs` on the pixels of a :class:`~adcore.poisson.domain.MaskedDomain`).
+This one solves it with a fast solver of a *larger, simpler* domain and a correction on the
+boundary (Buzbee et al. 1971).
 
-    f = g − h on Ω,   L h = 0 on Ω,   h = g − f* on ∂Ω,
+Embed Ω and its ring ∂Ω (the m pixels outside Ω 4-adjacent to it) in a periodic P × Q grid,
+a torus. There the 5-point Laplacian L has a Green's function Φ, L Φ = δ − 1/(PQ), diagonal in
+the Fourier basis (1 / (4 − 2 cos ωy − 2 cos ωx), 0 at ω = 0): one inverse FFT gives it. Put
+the right-hand side b as charges on Ω and unknown charges σ on ∂Ω:
 
-(L the 5-point graph Laplacian, g the source, f* the target, ∂Ω the pixels outside Ω with a
-neighbour in it). Substituting f = g − h into Pérez et al.'s Eq. 7 gives exactly this.
+    u = Φ ⋆ (b + σ) + c,   1ᵀσ = −1ᵀb.
 
-A harmonic function is a potential of charges placed off Ω. Put unknown charges σ on the m
-pixels of ∂Ω and take the potential of the 5-point Laplacian's Green's function Φ on a
-periodic grid (a torus) that contains the mask's bounding box:
+Then L u = b + σ on the torus (the sum condition cancels the mean term), i.e. L u = b on Ω;
+and since a row of A is the row of L with the ring's values left out, A u = b holds on Ω as
+soon as u = 0 on ∂Ω. Those m conditions are the capacitance system
 
-    h = Φ ⋆ σ + c,   Σ σ = 0,
-
-where L Φ = δ − 1/(PQ) on the P × Q torus, so L h = σ: zero at every pixel of Ω. The torus
-only has to hold Ω and ∂Ω without overlap, so no padding is needed; Φ is diagonal in the
-Fourier basis (1 / (4 − 2 cos ωy − 2 cos ωx)), and its values are one inverse FFT.
-The m conditions h = g − f* on ∂Ω are the capacitance system
-
-    Φ_∂Ω σ + c 1 = g − f*,   1ᵀσ = 0,
+    Φ_∂Ω σ + c 1 = −(Φ ⋆ b)|∂Ω,   1ᵀσ = −1ᵀb,
 
 with Φ_∂Ω[i, j] = Φ(p_i − p_j) an m × m symmetric positive definite matrix (a principal
 submatrix of a positive semi-definite operator whose only null vector, the constant, is not
 supported on ∂Ω). One Cholesky factorisation of it serves every channel: solve
-Φ_∂Ω [x, y] = [g − f*, 1], then c = Σx / Σy and σ = x − c y. One FFT convolution evaluates h.
+Φ_∂Ω [x, y] = [−(Φ ⋆ b)|∂Ω, 1], then c = (1ᵀx + 1ᵀb) / 1ᵀy and σ = x − c y. Two FFT
+convolutions on the torus evaluate Φ ⋆ b on ∂Ω and u on Ω. The torus only has to hold Ω and
+∂Ω without overlap, so no padding is needed.
+
+With the source guidance (the paper's choice) this is the same as writing the blend as the
+source minus a discrete-harmonic membrane stretched over the source–target mismatch on ∂Ω:
+f = g − h, L h = 0 on Ω, h = g − f* on ∂Ω (chapter 11 derives both views).
 
 At the image border the system's natural boundary condition is a mirror: a mask that touches
-a border is reflected across it (:func:`item_geometry`), and the method runs on the mirrored
-mask (doubled, or quadrupled in a corner).
+a border is reflected across it, with its right-hand side (:func:`item_geometry`), and the
+method runs on the mirrored mask (doubled, or quadrupled in a corner); the solution is
+symmetric, and on Ω it is the one sought.
 
 The cost is that of an m × m dense factorisation (m³/3) and of FFTs on the bounding box. For a
 compact mask m grows like √N (a disc of 3000 pixels has m ≈ 175), so the dense factor stays
 small where a factorisation of the two-dimensional domain fills in (a disc's band is its
 diameter). For thin masks such as cracks m ≈ 2N, while their band is narrow, and the band
-Cholesky (:mod:`adcore.poisson.direct`) is the right method; :func:`adcore.poisson.poisson_blend`
-chooses (``solver="auto"``). The solve runs on the host in NumPy (the images' values at Ω and
-∂Ω are gathered on their device); the blend is differentiable w.r.t. both images through its
-adjoint, the same steps backwards with the same factors (:class:`CapacitanceBlend`).
+Cholesky (:mod:`adcore.poisson.direct`) is the right method;
+:func:`adcore.poisson.choose.choose_solver` chooses (``solver="auto"``). The solve runs on the
+host in NumPy; the map b ↦ u is A⁻¹, symmetric, so the backward pass is the same solve of the
+incoming gradient (:class:`CapacitanceSolve`), and autograd carries it on through the shared
+right-hand side to both images, as for the factorisation.
 
 References: Buzbee, Dorr, George & Golub, "The direct solution of the discrete Poisson
 equation on irregular regions", SIAM J. Numer. Anal. 8 (1971); Proskurowski & Widlund, "On the
 numerical solution of Helmholtz's equation by the capacitance matrix method", Math. Comp. 30
-(1976). Chapter 7 derives the method.
+(1976). Chapter 11 (``book/11_poisson_solvers``) derives the method.
 """
 
 from __future__ import annotations
@@ -59,7 +65,8 @@ from torch.autograd.function import once_differentiable
 
 from adcore.poisson.direct import _one_blas_thread
 
-__all__: list[str] = []
+__all__ = ["CapacitanceSolve", "ItemGeometry", "capacitance_solve", "item_geometry",
+           "ring_charges", "torus_green"]
 
 #: an item with more ring pixels than this is refused (its m × m factor would take seconds and
 #: m² · 8 bytes of memory); the factorisation of the masked system handles it.
@@ -71,44 +78,54 @@ MAX_RING = 4096
 #: single masks on one CPU thread, against the band Cholesky: 1.3-6.5× faster on discs and
 #: blobs with bands over 32 pixels (1.4 against 3.4 ms for a disc of radius 30), even to
 #: 2.6× faster on discs touching the border (6.4 √N), even on cracks grown to 4.4-4.8 √N,
-#: and 1.2-5× slower on the benchmark's cracks (5.4 √N and more).
+#: and 1.2-5× slower on the benchmark's cracks (5.4 √N and more). These figures are those of
+#: the method's earlier form (the harmonic membrane over the source–target mismatch, one
+#: FFT); solving the shared right-hand side of Eq. 7 costs its gathers and a second FFT, and
+#: ``benchmarks/poisson.py`` (one thread, 8 blobs) went from 3.5 to 5.1 ms per blob with it.
 AUTO_RING_PER_ROOT_AREA = 7.0
 
 
 @dataclass(frozen=True)
 class ItemGeometry:
-    """One item's mask, as the capacitance solve needs it (NumPy arrays).
+    """One item's mask on its torus, as the capacitance solve needs it (NumPy arrays).
 
-    Positions are flat, row-major: ``y · W + x`` in the item's (H, W) image, ``y′ · Q + x′`` on
-    the (P, Q) torus, whose origin is the top-left corner of the bounding box of Ω ∪ ∂Ω (of
-    the mirrored window, for a mask on the image border: see :func:`item_geometry`).
+    Torus positions are flat, row-major, ``y′ · Q + x′`` on the (P, Q) torus, whose origin is
+    the top-left corner of the bounding box of Ω ∪ ∂Ω (of the mirrored window, for a mask on
+    the image border: see :func:`item_geometry`). The images themselves are indexed by the
+    batch's :class:`~adcore.poisson.domain.MaskedDomain` (Ω in raster order), not here.
 
     Attributes:
         item: index in the batch.
-        inside, inside_torus: (N,) int64 positions of Ω's pixels (raster order), image and
-            torus.
-        ring, ring_torus: (m,) int64 positions of ∂Ω's pixels (outside Ω, 4-adjacent to it);
-            on the image, mirrored ring pixels repeat the positions they reflect.
-        ring_rows, ring_cols: (m,) int32 coordinates of ∂Ω on the torus (for Φ_∂Ω).
+        inside_torus: (N,) int64, Ω's pixels on the torus, in the image's raster order (the
+            order of the domain's columns).
+        copies_torus, copy_of: (N′,) int64, every pixel of the mirrored mask on the torus and
+            which of Ω's N pixels it copies (N′ = N, and ``copy_of`` = 0..N-1, off the border).
+        ring_torus: (m,) int64, ∂Ω's pixels on the torus (outside Ω, 4-adjacent to it).
+        ring_rows, ring_cols: (m,) int32, the same as torus coordinates (for Φ_∂Ω).
         torus: (P, Q), at least the bounding box of Ω ∪ ∂Ω, rounded up to fast FFT lengths.
+        origin: the image (row, column) of the torus's (0, 0), counting rows and columns
+            beyond the image's border as its mirror images do (row −1 − y mirrors row y).
     """
 
     item: int
-    inside: np.ndarray
     inside_torus: np.ndarray
-    ring: np.ndarray
+    copies_torus: np.ndarray
+    copy_of: np.ndarray
     ring_torus: np.ndarray
     ring_rows: np.ndarray
     ring_cols: np.ndarray
     torus: tuple[int, int]
+    origin: tuple[int, int] = (0, 0)
 
     @property
     def ring_count(self) -> int:
+        """m, the ring pixels (mirrored ones included)."""
         return len(self.ring_rows)
 
     @property
     def area(self) -> int:
-        return len(self.inside)
+        """N, the masked pixels."""
+        return len(self.inside_torus)
 
 
 def item_geometry(mask: np.ndarray, item: int,
@@ -122,10 +139,9 @@ def item_geometry(mask: np.ndarray, item: int,
     At the image border the masked system has the natural boundary condition: a missing
     neighbour counts as a copy of the pixel itself. That is a mirror, so a mask touching a
     border is extended by its reflection across it (rows ``-1 - y`` for the top border), ring
-    included; the harmonic correction on the extended mask is symmetric, and on Ω it is the
-    one sought. Ring pixels of the reflection map back to image pixels (``ring`` then repeats
-    positions). A mask that touches two opposite borders would need infinitely many
-    reflections: the method declines it.
+    included; the solution on the extended mask, whose right-hand side is reflected too, is
+    symmetric, and on Ω it is the one sought. A mask that touches two opposite borders would
+    need infinitely many reflections: the method declines it.
     """
     image = np.asarray(mask, dtype=bool)
     height, width = image.shape
@@ -143,37 +159,41 @@ def item_geometry(mask: np.ndarray, item: int,
     cols = np.arange(max(left - 1, 0), min(right + 1, width - 1) + 1)
     ys, y0 = _mirrored(rows, top == 0, bottom == height - 1)
     xs, x0 = _mirrored(cols, left == 0, right == width - 1)
-    if len(ys) == len(rows) and len(xs) == len(cols):
-        window = image[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
-    else:
-        window = image[np.ix_(ys, xs)]             # Ω and its mirror images, with the ring
-    ring_pixels = np.zeros_like(window)            # then ∂Ω: 4-adjacent to Ω, not in it
+    box = image[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    mirrored = len(ys) != len(rows) or len(xs) != len(cols)
+    window = image[np.ix_(ys, xs)] if mirrored else box   # Ω and its mirror images, and ring
+    ring_pixels = np.zeros_like(window)                    # ∂Ω: 4-adjacent to Ω, not in it
     ring_pixels[1:] |= window[:-1]
     ring_pixels[:-1] |= window[1:]
     ring_pixels[:, 1:] |= window[:, :-1]
     ring_pixels[:, :-1] |= window[:, 1:]
     ring_pixels &= ~window
-    # Ω is the unmirrored copy of the window's mask
-    inside_pixels = np.zeros_like(window)
-    inside_pixels[y0:y0 + len(rows), x0:x0 + len(cols)] = window[y0:y0 + len(rows),
-                                                                  x0:x0 + len(cols)]
     torus = (scipy.fft.next_fast_len(window.shape[0], real=True),
              scipy.fft.next_fast_len(window.shape[1], real=True))
     # flat window positions (raster order), split into the torus's rows and columns
     ring_rows, ring_cols = np.divmod(np.flatnonzero(ring_pixels), window.shape[1])
-    if max_ring_per_root_area is not None:
-        area = np.count_nonzero(inside_pixels)
-        if len(ring_rows) > max_ring_per_root_area * np.sqrt(area):
-            return (f"the mask of item {item} is thin: {len(ring_rows)} boundary pixels for "
-                    f"{area} masked ones, over {max_ring_per_root_area:g} √N")
-    inside_rows, inside_cols = np.divmod(np.flatnonzero(inside_pixels), window.shape[1])
-
-    def positions(y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return ys[y] * width + xs[x], y * torus[1] + x
-
-    return ItemGeometry(item, *positions(inside_rows, inside_cols),
-                        *positions(ring_rows, ring_cols), ring_rows.astype(np.int32),
-                        ring_cols.astype(np.int32), torus)
+    area = int(np.count_nonzero(box))
+    if max_ring_per_root_area is not None and len(ring_rows) > max_ring_per_root_area * np.sqrt(
+            area):
+        return (f"the mask of item {item} is thin: {len(ring_rows)} boundary pixels for "
+                f"{area} masked ones, over {max_ring_per_root_area:g} √N")
+    # Ω is the unmirrored copy of the window's mask, numbered in raster order (the box's
+    # raster order is the image's)
+    inside_rows, inside_cols = np.divmod(np.flatnonzero(box), box.shape[1])
+    inside_torus = (inside_rows + y0) * torus[1] + inside_cols + x0
+    if mirrored:
+        number = np.full(box.shape, -1, dtype=np.int64)
+        number[box] = np.arange(area)
+        copies = np.flatnonzero(window)
+        copy_of = number[np.ix_(ys - rows[0], xs - cols[0])].ravel()[copies]
+        copy_rows, copy_cols = np.divmod(copies, window.shape[1])
+        copies_torus = copy_rows * torus[1] + copy_cols
+    else:
+        copies_torus, copy_of = inside_torus, np.arange(area)
+    return ItemGeometry(item, inside_torus, copies_torus, copy_of,
+                        ring_rows * torus[1] + ring_cols, ring_rows.astype(np.int32),
+                        ring_cols.astype(np.int32), torus,
+                        (int(rows[0]) - y0, int(cols[0]) - x0))
 
 
 def _mirrored(index: np.ndarray, first: bool, last: bool) -> tuple[np.ndarray, int]:
@@ -223,12 +243,14 @@ def capacitance_matrix(geometry: ItemGeometry) -> np.ndarray:
 
 
 class Capacitance:
-    """One item's capacitance system, factorised: the map from boundary values to h on Ω,
-    and its adjoint.
+    """One item's capacitance system, factorised: the solve u = A⁻¹ b of its mask.
 
-    The map is linear, d ↦ h with h = Φ ⋆ σ + c on Ω and (σ, c) the solution of the
-    capacitance system for d. Its adjoint (for gradients) runs the same steps backwards:
-    the FFT convolution with the even Φ is self-adjoint, and so is Φ_∂Ω⁻¹.
+    Args:
+        geometry: the item's :class:`ItemGeometry` (not empty).
+
+    Raises:
+        RuntimeError: Φ_∂Ω not numerically positive definite (never seen; it is SPD in exact
+            arithmetic).
     """
 
     def __init__(self, geometry: ItemGeometry) -> None:
@@ -243,25 +265,11 @@ class Capacitance:
                                f"{geometry.ring_count}) is not numerically positive definite; "
                                "use solver='direct'")
         self.factor = factor
-        self.unit: np.ndarray | None = None                # Φ_∂Ω⁻¹ 1, with the first solve
-
-    def solve(self, values: np.ndarray) -> np.ndarray:
-        """Φ_∂Ω⁻¹ ``values``, (m, k) float64."""
-        return lapack.dpotrs(self.factor, values, lower=1, overwrite_b=1)[0]
-
-    def charges(self, boundary: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """σ (m, C), summing to zero per channel, and c (C,) for h = ``boundary`` (C, m) on ∂Ω:
-        Φ_∂Ω [x, u] = [d, 1] (one solve), then c = Σx / Σu and σ = x − c u."""
-        both = np.ones((boundary.shape[1], len(boundary) + 1), order="F")
-        both[:, :-1] = boundary.T
-        both = self.solve(both)
-        x, self.unit = both[:, :-1], both[:, -1]
-        shift = x.sum(0) / self.unit.sum()
-        x -= self.unit[:, None] * shift
-        return x, shift
+        self._unit: np.ndarray | None = None                # Φ_∂Ω⁻¹ 1, with the first solve
 
     def convolve(self, values: np.ndarray, at: np.ndarray, to: np.ndarray) -> np.ndarray:
-        """Φ ⋆ v at the torus positions ``to``, for v (C, len(at)) at the positions ``at``."""
+        """Φ ⋆ v at the torus positions ``to``, for v (C, len(at)) at the distinct torus
+        positions ``at``: one real FFT, a product with Φ's spectrum, one inverse FFT."""
         rows, cols = self.geometry.torus
         grid = np.zeros((len(values), rows * cols))
         grid[:, at] = values
@@ -271,114 +279,83 @@ class Capacitance:
         return scipy.fft.irfft2(spectral, s=(rows, cols), overwrite_x=True).reshape(
             len(values), -1).take(to, 1)
 
-    def correction(self, boundary: np.ndarray) -> np.ndarray:
-        """h on Ω (C, N) for h = ``boundary`` (C, m) on ∂Ω and L h = 0 on Ω."""
-        charges, shift = self.charges(boundary)
+    def charges(self, rhs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The ring's charges for the right-hand side ``rhs`` ((C, N) float64 on Ω).
+
+        Returns:
+            (σ (C, m), c (C,), b′ (C, N′) the right-hand side on every copy of the mirrored
+            mask): u = Φ ⋆ (b′ + σ) + c vanishes on ∂Ω and 1ᵀσ = −1ᵀb′.
+        """
         geometry = self.geometry
-        return (self.convolve(charges.T, geometry.ring_torus, geometry.inside_torus)
-                + shift[:, None])
+        copies = rhs[:, geometry.copy_of]
+        potential = self.convolve(copies, geometry.copies_torus, geometry.ring_torus)
+        # Φ_∂Ω [x, y] = [−(Φ ⋆ b′)|∂Ω, 1]: one solve for every channel and the unit vector
+        both = np.ones((geometry.ring_count, len(rhs) + 1), order="F")
+        both[:, :-1] = -potential.T
+        both = lapack.dpotrs(self.factor, both, lower=1, overwrite_b=1)[0]
+        x, unit = both[:, :-1], both[:, -1]
+        shift = (x.sum(0) + copies.sum(1)) / unit.sum()
+        return (x - unit[:, None] * shift).T, shift, copies
 
-    def correction_adjoint(self, grad: np.ndarray) -> np.ndarray:
-        """The adjoint of :meth:`correction`: ∂L/∂boundary (C, m) for ∂L/∂h = ``grad`` (C, N)."""
+    def solve(self, rhs: np.ndarray) -> np.ndarray:
+        """u = A⁻¹ b on Ω, (C, N) float64, for b = ``rhs`` (C, N) float64 in raster order."""
         geometry = self.geometry
-        if self.unit is None:
-            self.unit = self.solve(np.ones((geometry.ring_count, 1)))[:, 0]
-        grad_charges = self.convolve(grad, geometry.inside_torus, geometry.ring_torus)
-        # σ = x − c u and h = … + c: c collects Σ ∂L/∂h − uᵀ ∂L/∂σ; c = Σx / Σu spreads it
-        grad_shift = grad.sum(1) - grad_charges @ self.unit
-        grad_x = np.asfortranarray(grad_charges.T + grad_shift / self.unit.sum())
-        return self.solve(grad_x).T
+        charges, shift, copies = self.charges(rhs)
+        # Ω′ and ∂Ω are disjoint: both charge sets go into one grid
+        values = np.concatenate([copies, charges], 1)
+        at = np.concatenate([geometry.copies_torus, geometry.ring_torus])
+        return self.convolve(values, at, geometry.inside_torus) + shift[:, None]
 
 
-def ring_charges(boundary: np.ndarray,
-                 geometry: ItemGeometry) -> tuple[np.ndarray, np.ndarray]:
-    """The charges σ (m, C) on ∂Ω and the constant c (C,) of h = Φ ⋆ σ + c, for h =
-    ``boundary`` ((C, m) float64, in ring order) on ∂Ω."""
-    return Capacitance(geometry).charges(boundary)
+def _solve_items(geometries: list[ItemGeometry], rhs: np.ndarray,
+                 solvers: list[Capacitance] | None = None) -> tuple[np.ndarray, list]:
+    """A⁻¹ ``rhs`` for a batch ((C, N) float64, the items' masked pixels one after the other,
+    each in raster order), factorising each item (or reusing ``solvers``)."""
+    out = np.empty_like(rhs)
+    start = 0
+    with _one_blas_thread():
+        if solvers is None:
+            solvers = [Capacitance(geometry) for geometry in geometries if geometry.area]
+        for solver in solvers:
+            stop = start + solver.geometry.area
+            out[:, start:stop] = solver.solve(rhs[:, start:stop])
+            start = stop
+    return out, solvers
 
 
-def harmonic_correction(boundary: np.ndarray, geometry: ItemGeometry) -> np.ndarray:
-    """h on Ω ((C, N), raster order) for h = ``boundary`` ((C, m) float64) on ∂Ω, L h = 0 on Ω."""
-    return Capacitance(geometry).correction(boundary)
+def ring_charges(rhs: np.ndarray, geometry: ItemGeometry) -> tuple[np.ndarray, np.ndarray]:
+    """The charges σ (C, m) on ∂Ω and the constant c (C,) of u = Φ ⋆ (b + σ) + c, for one
+    item's right-hand side b = ``rhs`` ((C, N) float64, raster order) (for chapter 11)."""
+    with _one_blas_thread():
+        charges, shift, _ = Capacitance(geometry).charges(rhs)
+    return charges, shift
 
 
-def flat_positions(geometries: list[ItemGeometry], channels: int, plane: int,
-                   which: str) -> np.ndarray:
-    """(C, K) positions, in the flattened (B, C, H, W) images, of every item's ``which``
-    (``"inside"`` or ``"ring"``) pixels, items in batch order."""
-    layers = np.arange(channels)[:, None] * plane
-    return np.concatenate([layers + (geometry.item * channels * plane + getattr(geometry, which))
-                           for geometry in geometries], 1)
+def capacitance_solve(rhs: np.ndarray, geometry: ItemGeometry) -> np.ndarray:
+    """u = A⁻¹ b on one item's Ω, (C, N) float64, for b = ``rhs`` ((C, N) float64)."""
+    return _solve_items([geometry], rhs)[0]
 
 
-class CapacitanceBlend(torch.autograd.Function):
-    """The blend f = g − h at the masked pixels of every item (source guidance), (C, N) for
-    the batch's N masked pixels in (item, row, column) order; differentiable w.r.t. both
-    images.
+class CapacitanceSolve(torch.autograd.Function):
+    """u = A⁻¹ b by the capacitance method, (C, N) for the batch's masked pixels in
+    (item, row, column) order (a :meth:`~adcore.poisson.domain.MaskedDomain.from_mask`
+    domain's).
 
-    The forward pass gathers the images at Ω and ∂Ω (on their device) and solves on the host
-    in NumPy; the backward pass is the adjoint of the same linear map
-    (:meth:`Capacitance.correction_adjoint`), with the same factors.
+    The solve runs on the host in NumPy. A is symmetric, so the backward pass is the same
+    solve of the incoming gradient, with the same factors: ∂L/∂b = A⁻¹ ∂L/∂u. The right-hand
+    side (Eq. 7, :func:`adcore.poisson.domain.eq7_rhs`) is computed in torch before, and
+    autograd carries the gradient on to both images.
     """
 
     @staticmethod
-    def forward(ctx, target: Tensor, source: Tensor,  # type: ignore[override]
-                geometries: list[ItemGeometry], inside: Tensor, ring: Tensor) -> Tensor:
-        """``geometries``: the items with a mask; ``inside``, ``ring``: their pixels' positions
-        (:func:`flat_positions`) on the images' device."""
-        gathered = torch.cat([source.take(inside), source.take(ring) - target.take(ring)],
-                             1).detach().double().cpu().numpy()
-        values, mismatch = np.split(gathered, [inside.shape[1]], 1)
-        solvers, start, stop = [], 0, 0
-        with _one_blas_thread():
-            for geometry in geometries:
-                solver = Capacitance(geometry)
-                solvers.append(solver)
-                ring_stop = stop + geometry.ring_count
-                values[:, start:start + geometry.area] -= solver.correction(
-                    mismatch[:, stop:ring_stop])
-                start, stop = start + geometry.area, ring_stop
-        ctx.solvers, ctx.positions, ctx.shape = solvers, (inside, ring), target.shape
-        ctx.dtypes = (target.dtype, source.dtype)
-        return torch.from_numpy(values).to(target.device)
+    def forward(ctx, rhs: Tensor,  # type: ignore[override]
+                geometries: list[ItemGeometry]) -> Tensor:
+        """``rhs``: (C, N) float64 on any device; ``geometries``: one per item, batch order."""
+        u, ctx.solvers = _solve_items(geometries, rhs.detach().cpu().numpy())
+        return torch.from_numpy(u).to(rhs.device)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor) -> tuple:  # type: ignore[override]
-        grad_in = grad.double().cpu().numpy()
-        grad_ring, start = [], 0
-        with _one_blas_thread():
-            for solver in ctx.solvers:
-                area = solver.geometry.area
-                # f = g − h: ∂L/∂h = −∂L/∂f
-                grad_ring.append(solver.correction_adjoint(-grad_in[:, start:start + area]))
-                start += area
-        inside, ring = ctx.positions
-        spread = torch.from_numpy(np.concatenate(grad_ring, 1)).to(grad.device)
-        grad_source = grad.new_zeros(ctx.shape, dtype=torch.float64).view(-1)
-        grad_source.index_add_(0, inside.flatten(), grad.double().flatten())
-        grad_target = grad.new_zeros(ctx.shape, dtype=torch.float64).view(-1)
-        grad_target.index_add_(0, ring.flatten(), -spread.flatten())
-        grad_source.index_add_(0, ring.flatten(), spread.flatten())
-        return (grad_target.view(ctx.shape).to(ctx.dtypes[0]),
-                grad_source.view(ctx.shape).to(ctx.dtypes[1]), None, None, None)
-
-
-def blend_inside(target: Tensor, source: Tensor,
-                 geometries: list[ItemGeometry]) -> tuple[Tensor, Tensor]:
-    """The blend f = g − h at the masked pixels of every item (source guidance).
-
-    Args:
-        target, source: (B, C, H, W) float.
-        geometries: one per item (:func:`item_geometry`), in batch order.
-
-    Returns:
-        (values (C, N) float64, positions (C, N) in the flattened (B, C, H, W) images), N the
-        masked pixels of the whole batch in (item, row, column) order.
-    """
-    geometries = [geometry for geometry in geometries if geometry.area]
-    _, channels, height, width = target.shape
-    inside, ring = (torch.from_numpy(flat_positions(geometries, channels, height * width,
-                                                    which)).to(target.device)
-                    for which in ("inside", "ring"))
-    return CapacitanceBlend.apply(target, source, geometries, inside, ring), inside
+        z, _ = _solve_items([], np.ascontiguousarray(grad.double().cpu().numpy()), ctx.solvers)
+        return torch.from_numpy(z).to(grad.device), None

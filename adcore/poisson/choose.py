@@ -3,7 +3,7 @@
 :func:`adcore.poisson.poisson_blend` offers three exact solvers of Eq. 7 (conjugate gradients,
 a factorisation of A, the capacitance method) and an ``"auto"`` choice among them. Every rule
 of that choice lives here, each with the measurement that set it; the blend only carries out
-the :class:`SolverChoice` this function returns. Chapter 7 (``book/07_poisson``) and
+the :class:`SolverChoice` this function returns. Chapter 11 (``book/11_poisson_solvers``) and
 ``benchmarks/poisson.py`` compare the solvers.
 
 The rules of ``solver="auto"``:
@@ -50,7 +50,8 @@ AUTO_DIRECT_MAX_COMPACT = 4096
 #: most this many pixels, and otherwise considers the capacitance method first (measured with
 #: ``benchmarks/poisson.py``'s masks and discs: the band Cholesky is faster on discs up to a
 #: band of 19 and even at 29, the capacitance method from a band of 39 on; the ring constant
-#: of :mod:`adcore.poisson.capacitance` keeps cracks off it)
+#: of :mod:`adcore.poisson.capacitance` keeps cracks off it; measured before that method
+#: solved the shared right-hand side, which made it slower: see its ``AUTO_RING_PER_ROOT_AREA``)
 AUTO_CAPACITANCE_MIN_BAND = 32
 #: "auto" uses the sine-transform preconditioner for masks that are thick (2 × area / boundary
 #: length of the thickest item, in pixels: about the width of a stroke, 0.8 × the radius of a
@@ -166,7 +167,7 @@ def choose_solver(mask: Tensor, device: torch.device | str, *, guidance: str = "
             reason = f"auto on {device.type}: the factorisations run on the CPU"
         elif lines is None:
             reason = (f"auto on the CPU with guidance={guidance!r} (the capacitance method "
-                      "solves the source guidance only): factorise A")
+                      "is offered for the source guidance only): factorise A")
         elif int(lines.min(1).max(initial=0)) <= AUTO_CAPACITANCE_MIN_BAND:
             reason = (f"auto on the CPU: every item's band <= {AUTO_CAPACITANCE_MIN_BAND} "
                       "pixels: factorise A")
@@ -214,7 +215,7 @@ def capacitance_plan(mask: Tensor, guidance: str,
     """
     if guidance != "source":
         if required:
-            raise ValueError(f"solver='capacitance' solves the paper's guidance only "
+            raise ValueError(f"solver='capacitance' is offered for the paper's guidance only "
                              f"(guidance='source', v = ∇source), not guidance={guidance!r}; "
                              "use solver='direct' or 'cg'")
         return None

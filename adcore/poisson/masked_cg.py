@@ -3,7 +3,7 @@
 The system A u = b of :mod:`adcore.poisson` (A the 5-point graph Laplacian restricted to the
 mask) is solved for every image and channel of a batch at once, preconditioned by Jacobi or by
 a sine-transform solve on each item's bounding box (:mod:`adcore.poisson.spectral`).
-Chapter 7 explains the method.
+Chapter 11 (``book/11_poisson_solvers``) explains the method.
 """
 
 from __future__ import annotations

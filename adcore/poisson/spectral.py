@@ -3,7 +3,7 @@
 The type-I discrete sine transform diagonalises the 5-point Laplacian with Dirichlet sides on a
 rectangle, which gives the fast rectangle solve used as a preconditioner by
 :mod:`adcore.poisson.masked_cg` and by the bounding-box approximation
-:func:`adcore.poisson.poisson_blend_box` (chapter 7).
+:func:`adcore.poisson.poisson_blend_box` (chapter 11).
 """
 
 from __future__ import annotations
