@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from adcore.cflow import CFlowConfig, CFlowModel
 from adcore.maps import MapConfig, image_scores, vqvae_anomaly_maps
@@ -27,7 +28,8 @@ from adcore.train.vqvae import VQVAETrainConfig, train_vqvae
 from adcore.vqvae import VQVAE, VQVAEConfig
 
 __all__ = ["DEFAULT_EPOCHS", "DEFAULT_IMAGE_SIZE", "METHODS", "anomaly_maps", "build_model",
-           "default_settings", "load_weights", "train_model", "weights_to_save"]
+           "default_settings", "fold_batch_norms", "load_weights", "train_model",
+           "weights_to_save"]
 
 METHODS = ("cflow", "vqvae")
 #: CFlow-AD at 128 (not the paper's 256): a 256² model costs 3.3x the CPU time per scored
@@ -90,13 +92,56 @@ def default_settings(method: str, *, image_size: int | None = None, epochs: int 
     return {"model": model, "train": train, "maps": maps}
 
 
+def fold_batch_norms(module: nn.Module) -> int:
+    """Fold every frozen batch norm that directly follows a convolution into that convolution.
+
+    In eval mode a batch norm is an affine map per channel, so ``bn(conv(x))`` equals one
+    convolution with scaled weights and a bias (equal up to float rounding, about 1e-6
+    relative). A timm ``BatchNormAct2d`` keeps its activation. Children are paired in the
+    order they are registered, which is the order timm's EfficientNet blocks call them.
+
+    Args:
+        module: a network in eval mode whose batch norms are frozen (the CFlow-AD backbone).
+
+    Returns:
+        How many batch norms were folded.
+    """
+    folded = 0
+    for parent in list(module.modules()):
+        children = list(parent.named_children())
+        for (conv_name, conv), (bn_name, bn) in zip(children, children[1:]):
+            if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)):
+                continue
+            if bn.training or bn.running_mean is None or conv.out_channels != bn.num_features:
+                continue
+            setattr(parent, conv_name, fuse_conv_bn_eval(conv.eval(), bn))
+            # what a timm BatchNormAct2d does after normalising: dropout (identity in eval)
+            # and its activation
+            rest = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None))
+                    if m is not None]
+            setattr(parent, bn_name, nn.Sequential(*rest) if rest else nn.Identity())
+            folded += 1
+    return folded
+
+
 def build_model(method: str, settings: dict[str, dict[str, Any]], *,
-                seed: int = 0) -> nn.Module:
-    """A fresh model from :func:`default_settings`' ``model`` part (CFlow-AD: pretrained backbone)."""
+                seed: int = 0, inference: bool = False) -> nn.Module:
+    """A fresh model from :func:`default_settings`' ``model`` part (CFlow-AD: pretrained backbone).
+
+    Args:
+        method: ``"cflow"`` or ``"vqvae"``.
+        settings: :func:`default_settings`' dicts.
+        seed: the flows' random rotations (CFlow-AD).
+        inference: scoring only: CFlow-AD's frozen backbone gets its batch norms folded into
+            its convolutions (:func:`fold_batch_norms`; 10-15 % of a CPU scoring pass).
+    """
     _check_method(method)
     if method == "cflow":
         model = CFlowModel(CFlowConfig(**settings["model"]),
                            generator=torch.Generator().manual_seed(seed))
+        if inference:
+            model.extractor.eval()
+            fold_batch_norms(model.extractor)
         # Lite0's depthwise convolutions run 1.2-1.5x faster channels-last on the CPU.
         model.extractor.to(memory_format=torch.channels_last)
         return model
