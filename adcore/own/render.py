@@ -28,7 +28,8 @@ from scipy import ndimage
 
 from adcore.runtime import atomic_path
 
-__all__ = ["encode_png", "output_names", "overlay_rgb", "write_map", "write_mask", "write_overlay"]
+__all__ = ["encode_png", "heat_colours", "output_names", "overlay_rgb", "write_map", "write_mask",
+           "write_overlay"]
 
 OUTLINE_RGB = np.array([0.0, 1.0, 1.0], dtype=np.float32)
 
@@ -41,7 +42,7 @@ def _colour_table(name: str) -> tuple[int, np.ndarray]:
     return cmap.N, table.astype(np.float32)
 
 
-def _colours(level: np.ndarray, name: str = "inferno") -> np.ndarray:
+def heat_colours(level: np.ndarray, name: str = "inferno") -> np.ndarray:
     """``matplotlib.colormaps[name](level)[..., :3]`` as float32, for ``level`` in [0, 1] or NaN.
 
     The bin of a level is matplotlib's: ``int(level * N)`` in the level's precision, with
@@ -52,7 +53,7 @@ def _colours(level: np.ndarray, name: str = "inferno") -> np.ndarray:
     scaled[scaled == n] = n - 1
     bad = np.isnan(scaled)
     scaled[bad] = n
-    return table[scaled.astype(np.intp)]
+    return np.take(table, scaled.astype(np.intp), axis=0)
 
 
 def overlay_rgb(image: np.ndarray, anomaly_map: np.ndarray, mask: np.ndarray, vmin: float,
@@ -71,7 +72,7 @@ def overlay_rgb(image: np.ndarray, anomaly_map: np.ndarray, mask: np.ndarray, vm
     """
     span = max(float(vmax) - float(vmin), 1e-12)
     level = np.clip((anomaly_map - vmin) / span, 0.0, 1.0).astype(np.float32)
-    colours = _colours(level)
+    colours = heat_colours(level)
     alpha = (max_alpha * level)[..., None]
     out = image * (1.0 - alpha)
     colours *= alpha
