@@ -133,11 +133,22 @@ def _timed(function, *args, repeat: int = 3):
     return result, best
 
 
+def _compare(now, before, rounds: int = 4) -> tuple[float, float]:
+    """Shortest seconds of ``now()`` and ``before()``, called alternately ``rounds`` times each
+    (so that both see the same disturbance from other jobs)."""
+    best = [float("inf"), float("inf")]
+    for round_ in range(rounds):
+        for k in ((0, 1) if round_ % 2 else (1, 0)):
+            best[k] = min(best[k], _timed((now, before)[k], repeat=1)[1])
+    return best[0], best[1]
+
+
 def stage_times(model_path: Path, images_dir: Path, n_images: int, batch_size: int
                 ) -> list[tuple[str, float, float | None]]:
     """Milliseconds per image of each stage of ``score``, now and (where replaced) before.
 
-    Measured one stage after the other on the same ``n_images`` images, in this process.
+    Measured one stage after the other on the same ``n_images`` images, in this process; each
+    figure is the shortest of a few runs, a replaced piece alternating with its replacement.
     """
     content = load_model_file(model_path)
     method, settings = content["method"], content["settings"]
@@ -148,18 +159,17 @@ def stage_times(model_path: Path, images_dir: Path, n_images: int, batch_size: i
     small, resize_s = _timed(lambda: [resize_image(image, size) for image in images])
     batches = [torch.stack(small[s:s + batch_size]) for s in range(0, n, batch_size)]
 
-    def model_seconds(model: torch.nn.Module) -> tuple[list[torch.Tensor], float]:
-        anomaly_maps(method, model, batches[0], settings)  # warm-up
-        out, seconds = _timed(lambda: [anomaly_maps(method, model, b, settings)[0]
-                                       for b in batches])
-        return [m for batch in out for m in batch], seconds
+    def run_model(model: torch.nn.Module) -> list[torch.Tensor]:
+        return [m for batch in batches for m in anomaly_maps(method, model, batch, settings)[0]]
 
-    maps, model_s = model_seconds(load_detector(content, torch.device("cpu")))
-    before_model_s = None
-    if method == "cflow":
+    scoring = load_detector(content, torch.device("cpu"))
+    model_s = before_model_s = _timed(run_model, scoring, repeat=2)[1]
+    if method == "cflow":  # before: the backbone's batch norms not folded
         unfolded = build_model(method, settings)
         load_weights(method, unfolded, content["weights"], str(model_path))
-        before_model_s = model_seconds(unfolded.eval())[1]
+        model_s, before_model_s = _compare(lambda: run_model(scoring),
+                                           lambda: run_model(unfolded.eval()))
+    maps = run_model(scoring)
 
     def upsample() -> list[np.ndarray]:
         return [F.interpolate(m[None, None], size=image.shape[:2], mode="bilinear",
@@ -171,9 +181,10 @@ def stage_times(model_path: Path, images_dir: Path, n_images: int, batch_size: i
     masks = [f > threshold for f in full]
     vmin, vmax = float(np.median(full[0])), float(max(f.max() for f in full))
     levels = [np.clip((f - vmin) / (vmax - vmin), 0, 1).astype(np.float32) for f in full]
-    _, colours_s = _timed(lambda: [heat_colours(level) for level in levels])
-    _, colours_before_s = _timed(lambda: [matplotlib.colormaps["inferno"](level)[..., :3]
-                                          .astype(np.float32) for level in levels])
+    colours_s, colours_before_s = _compare(
+        lambda: [heat_colours(level) for level in levels],
+        lambda: [matplotlib.colormaps["inferno"](level)[..., :3].astype(np.float32)
+                 for level in levels])
     overlays, overlay_s = _timed(lambda: [overlay_rgb(i, f, m, vmin, vmax)
                                           for i, f, m in zip(images, full, masks)])
 
@@ -188,17 +199,17 @@ def stage_times(model_path: Path, images_dir: Path, n_images: int, batch_size: i
         return buffer.tell()
 
     masks_u8 = [m.astype(np.uint8) * 255 for m in masks]
-    _, png_s = _timed(lambda: [encode_png(o) for o in overlays])
-    _, png_before_s = _timed(lambda: [pil_png(o) for o in overlays])
-    _, mask_s = _timed(lambda: [encode_png(m) for m in masks_u8])
-    _, mask_before_s = _timed(lambda: [pil_png(m) for m in masks_u8])
+    png_s, png_before_s = _compare(lambda: [encode_png(o) for o in overlays],
+                                   lambda: [pil_png(o) for o in overlays])
+    mask_s, mask_before_s = _compare(lambda: [encode_png(m) for m in masks_u8],
+                                     lambda: [pil_png(m) for m in masks_u8])
     _, tiff_s = _timed(lambda: [tiff(f) for f in full])
     per = 1000.0 / n
     return [
         ("read (PNG decode, float)", read_s * per, None),
         ("resize to the model's size", resize_s * per, None),
         (f"model, batches of {batch_size}", model_s * per,
-         None if before_model_s is None else before_model_s * per),
+         before_model_s * per if method == "cflow" else None),
         ("map upsampled to the image's size", upsample_s * per, None),
         ("overlay: colour map (inside the overlay)", colours_s * per, colours_before_s * per),
         ("overlay: blend + outline, total", overlay_s * per,
