@@ -66,13 +66,14 @@ BEFORE = "c3b9321"
 # with the process's CPU time (all threads).
 _SCORE_CHILD = """
 import json, sys, time
+import adcore
 from adcore.own.score import score_folder
 model, images, out, device, batch = sys.argv[1:6]
 cpu = time.process_time()
 result = score_folder(model, images, out, device=device, batch_size=int(batch), force=True,
                       show_progress=False, log=lambda _: None)
 print(json.dumps({"seconds": result["seconds"], "n_scored": result["n_scored"],
-                  "cpu_seconds": time.process_time() - cpu}))
+                  "cpu_seconds": time.process_time() - cpu, "package": adcore.__file__}))
 """
 
 
@@ -99,18 +100,23 @@ def score_versions(versions: dict[str, Path], model: Path, images: Path, out_roo
     """Each version scores ``images`` ``repeats`` times, alternating which goes first."""
     runs: dict[str, list[dict]] = {label: [] for label in versions}
     labels = list(versions)
+    out_root.mkdir(parents=True, exist_ok=True)
     for repeat in range(repeats):
         for label in labels if repeat % 2 == 0 else labels[::-1]:
             out = out_root / f"{label}{repeat}"
             env = {**os.environ, "PYTHONPATH": str(versions[label]), "ADCORE_PROGRESS": "0"}
             load_before = load_text()
-            child = subprocess.run([sys.executable, "-c", _SCORE_CHILD, str(model), str(images),
-                                    str(out), device, str(batch_size)], env=env,
-                                   capture_output=True, text=True)
+            # -P and a neutral working folder: the package comes from PYTHONPATH alone
+            child = subprocess.run([sys.executable, "-P", "-c", _SCORE_CHILD, str(model),
+                                    str(images), str(out), device, str(batch_size)], env=env,
+                                   capture_output=True, text=True, cwd=out_root)
             if child.returncode != 0:
                 raise RuntimeError(f"score ({label}, {versions[label]}) failed:\n"
                                    f"{child.stderr[-2000:]}")
             run = json.loads(child.stdout.strip().splitlines()[-1])
+            if not Path(run["package"]).resolve().is_relative_to(versions[label].resolve()):
+                raise RuntimeError(f"score ({label}) imported {run['package']}, not the "
+                                   f"package under {versions[label]}")
             run["rate"] = run["n_scored"] / run["seconds"]
             run["cpu_ms"] = 1000 * run["cpu_seconds"] / run["n_scored"]
             run["load"] = f"{load_before} -> {load_text()}"
