@@ -133,7 +133,8 @@ def build_model(method: str, settings: dict[str, dict[str, Any]], *,
         settings: :func:`default_settings`' dicts.
         seed: the flows' random rotations (CFlow-AD).
         inference: scoring only: CFlow-AD's frozen backbone gets its batch norms folded into
-            its convolutions (:func:`fold_batch_norms`; 10-15 % of a CPU scoring pass).
+            its convolutions (:func:`fold_batch_norms`; the model runs 1.2-1.3x faster on
+            the CPU, ``benchmarks/RESULTS.md``).
     """
     _check_method(method)
     if method == "cflow":
