@@ -16,8 +16,10 @@ import pytest
 import torch
 from PIL import Image
 from scipy import ndimage
+from torch import nn
 
 from adcore.own.detectors import (
+    _fold_checked,
     anomaly_maps,
     build_model,
     default_settings,
@@ -99,6 +101,45 @@ def test_inference_backbone_matches_the_training_one() -> None:
     torch.testing.assert_close(fast_maps, maps, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(fast_scores, scores, rtol=1e-4, atol=1e-5)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in scoring.extractor.modules())
+
+
+class _Backbone(nn.Module):
+    """A convolution and a batch norm registered in that order, applied in either order."""
+
+    def __init__(self, norm_first: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+        self.bn.running_mean.uniform_(-1, 1)
+        self.bn.running_var.uniform_(0.5, 2)
+        self.norm_first = norm_first
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.bn(x)) if self.norm_first else self.bn(self.conv(x))
+
+
+class _Extractor(nn.Module):
+    def __init__(self, norm_first: bool) -> None:
+        super().__init__()
+        self.model = _Backbone(norm_first)
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return [self.model(images)]
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_batch_norms_are_folded_only_where_that_keeps_the_features(norm_first: bool) -> None:
+    torch.manual_seed(0)
+    extractor = _Extractor(norm_first).eval()
+    images = torch.rand(2, 3, 24, 24)
+    before = extractor(images)[0]
+    _fold_checked(extractor)
+    after = extractor(images)[0]
+    folded = not any(isinstance(m, nn.BatchNorm2d) for m in extractor.modules())
+    # registered conv-then-norm but applied norm-then-conv: folding would be wrong, so it is
+    # not done
+    assert folded is (not norm_first)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
 
 
 def _make_images(folder: Path, sizes: list[tuple[int, int]], seed: int) -> None:
