@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from adcore.own.detectors import DEFAULT_EPOCHS, DEFAULT_IMAGE_SIZE, METHODS
+from adcore.own.score import DEFAULT_BATCH_SIZE
 
 __all__ = ["COMMANDS", "add_commands", "run_command"]
 
@@ -54,6 +55,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                        help="re-derive the thresholds at this false-alarm rate from the "
                             "model's calibration scores (default: the rate chosen at fit)")
     score.add_argument("--device", default=None, help="cpu, cuda, ... (default: automatic)")
+    score.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                       help="images per model call (default %(default)s; the results do not "
+                            "depend on it beyond float rounding)")
     score.add_argument("--force", action="store_true",
                        help="write into an --out folder that is not empty")
     score.add_argument("--out", type=Path, required=True, help="the results folder")
@@ -79,6 +83,6 @@ def run_command(args: argparse.Namespace) -> int:
         from adcore.own.score import score_folder
 
         score_folder(args.model, args.images, args.out, fpr=args.fpr, device=args.device,
-                     force=args.force)
+                     force=args.force, batch_size=args.batch_size)
         return 0
     raise ValueError(f"unknown command {args.command!r}; expected one of {COMMANDS}")

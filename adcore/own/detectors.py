@@ -15,10 +15,12 @@ per method with the book's own pieces:
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from adcore.cflow import CFlowConfig, CFlowModel
 from adcore.maps import MapConfig, image_scores, vqvae_anomaly_maps
@@ -27,7 +29,8 @@ from adcore.train.vqvae import VQVAETrainConfig, train_vqvae
 from adcore.vqvae import VQVAE, VQVAEConfig
 
 __all__ = ["DEFAULT_EPOCHS", "DEFAULT_IMAGE_SIZE", "METHODS", "anomaly_maps", "build_model",
-           "default_settings", "load_weights", "train_model", "weights_to_save"]
+           "default_settings", "fold_batch_norms", "load_weights", "train_model",
+           "weights_to_save"]
 
 METHODS = ("cflow", "vqvae")
 #: CFlow-AD at 128 (not the paper's 256): a 256² model costs 3.3x the CPU time per scored
@@ -90,13 +93,83 @@ def default_settings(method: str, *, image_size: int | None = None, epochs: int 
     return {"model": model, "train": train, "maps": maps}
 
 
+def fold_batch_norms(module: nn.Module) -> int:
+    """Fold every frozen batch norm that directly follows a convolution into that convolution.
+
+    In eval mode a batch norm is an affine map per channel, so ``bn(conv(x))`` equals one
+    convolution with scaled weights and a bias (equal up to float rounding, about 1e-6
+    relative). A timm ``BatchNormAct2d`` keeps its activation. Children are paired in the
+    order they are registered, which is the order timm's EfficientNet blocks call them.
+
+    Args:
+        module: a network in eval mode whose batch norms are frozen (the CFlow-AD backbone).
+
+    Returns:
+        How many batch norms were folded.
+    """
+    folded = 0
+    for parent in list(module.modules()):
+        children = list(parent.named_children())
+        for (conv_name, conv), (bn_name, bn) in zip(children, children[1:]):
+            if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)):
+                continue
+            if bn.training or bn.running_mean is None or conv.out_channels != bn.num_features:
+                continue
+            setattr(parent, conv_name, fuse_conv_bn_eval(conv.eval(), bn))
+            # what a timm BatchNormAct2d does after normalising: dropout (identity in eval)
+            # and its activation
+            rest = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None))
+                    if m is not None]
+            setattr(parent, bn_name, nn.Sequential(*rest) if rest else nn.Identity())
+            folded += 1
+    return folded
+
+
+@torch.no_grad()
+def _fold_checked(extractor: nn.Module) -> None:
+    """:func:`fold_batch_norms` on a feature extractor's network (``extractor.model``), kept
+    only if its features still match.
+
+    Folding relies on the order in which a network registers its layers; one whose order
+    differs from its forward pass (another timm version, another backbone) would give wrong
+    features, so the folded copy is compared with the original on one small random image
+    (64 x 64: the check costs milliseconds) and dropped if they differ beyond float rounding.
+    """
+    extractor.eval()
+    original = extractor.model
+    folded = copy.deepcopy(original)
+    if not fold_batch_norms(folded):
+        return
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    image = image.to(next(original.parameters()).device)
+
+    def features(network: nn.Module) -> list[torch.Tensor]:
+        out = network(image)
+        return [out] if isinstance(out, torch.Tensor) else list(out)
+
+    if all(torch.allclose(a, b, rtol=1e-3, atol=1e-4)
+           for a, b in zip(features(folded), features(original), strict=True)):
+        extractor.model = folded
+
+
 def build_model(method: str, settings: dict[str, dict[str, Any]], *,
-                seed: int = 0) -> nn.Module:
-    """A fresh model from :func:`default_settings`' ``model`` part (CFlow-AD: pretrained backbone)."""
+                seed: int = 0, inference: bool = False) -> nn.Module:
+    """A fresh model from :func:`default_settings`' ``model`` part (CFlow-AD: pretrained backbone).
+
+    Args:
+        method: ``"cflow"`` or ``"vqvae"``.
+        settings: :func:`default_settings`' dicts.
+        seed: the flows' random rotations (CFlow-AD).
+        inference: scoring only: CFlow-AD's frozen backbone gets its batch norms folded into
+            its convolutions (:func:`fold_batch_norms`; the model runs 1.2-1.3x faster on
+            the CPU, ``benchmarks/RESULTS.md``).
+    """
     _check_method(method)
     if method == "cflow":
         model = CFlowModel(CFlowConfig(**settings["model"]),
                            generator=torch.Generator().manual_seed(seed))
+        if inference:
+            _fold_checked(model.extractor)
         # Lite0's depthwise convolutions run 1.2-1.5x faster channels-last on the CPU.
         model.extractor.to(memory_format=torch.channels_last)
         return model

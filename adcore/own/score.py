@@ -38,16 +38,18 @@ from adcore.own.render import output_names, overlay_rgb, write_map, write_mask, 
 from adcore.runtime import atomic_path
 from adcore.train.loop import progress
 
-__all__ = ["CSV_COLUMNS", "load_detector", "score_folder"]
+__all__ = ["CSV_COLUMNS", "DEFAULT_BATCH_SIZE", "load_detector", "score_folder"]
 
 CSV_COLUMNS = ("path", "score", "anomalous", "threshold", "error")
+#: images per model call (on the 2-core CPU, batches of 8 to 64 timed within the machine's noise)
+DEFAULT_BATCH_SIZE = 16
 
 
 def load_detector(content: dict[str, Any], device: torch.device,
                   source: str = "the model file") -> torch.nn.Module:
     """The trained model of a model file's content, on ``device``, in eval mode."""
     method = content["method"]
-    model = build_model(method, content["settings"])
+    model = build_model(method, content["settings"], inference=True)
     load_weights(method, model, content["weights"], source)
     return model.to(device).eval()
 
@@ -69,8 +71,8 @@ def _read(path: Path) -> tuple[np.ndarray | None, str]:
 
 def score_folder(model_path: str | os.PathLike, images_dir: str | os.PathLike,
                  out_dir: str | os.PathLike, *, fpr: float | None = None,
-                 device: str | None = None, force: bool = False, batch_size: int = 16,
-                 show_progress: bool = True,
+                 device: str | None = None, force: bool = False,
+                 batch_size: int = DEFAULT_BATCH_SIZE, show_progress: bool = True,
                  log: Callable[[str], None] = print) -> dict[str, Any]:
     """Score every image of ``images_dir`` with a model file; write the results to ``out_dir``.
 
@@ -81,7 +83,8 @@ def score_folder(model_path: str | os.PathLike, images_dir: str | os.PathLike,
         fpr: re-derive the thresholds at this false-alarm rate (None: the file's).
         device: ``cpu``, ``cuda``, ... (default: :func:`adcore.default_device`).
         force: write into a non-empty ``out_dir``.
-        batch_size: images per model call.
+        batch_size: images per model call (``--batch-size``; the outputs do not depend on
+            it beyond float rounding, see ``tests/test_own_score_batching.py``).
         show_progress: a progress bar.
         log: where the sentences go (``print``).
 
@@ -93,6 +96,8 @@ def score_folder(model_path: str | os.PathLike, images_dir: str | os.PathLike,
         FileNotFoundError, ModelFileError, FileExistsError, ValueError: the message names the
             flag and value at fault.
     """
+    if batch_size < 1:
+        raise ValueError(f"--batch-size {batch_size}: expected at least 1")
     started = time.perf_counter()
     content = load_model_file(model_path)
     root, out_dir = Path(images_dir), Path(out_dir)
@@ -125,11 +130,14 @@ def score_folder(model_path: str | os.PathLike, images_dir: str | os.PathLike,
     batches = [range(s, min(s + batch_size, len(paths))) for s in range(0, len(paths),
                                                                       batch_size)]
 
-    def read_batch(indices: range) -> list[tuple[np.ndarray | None, str]]:
-        return [_read(paths[i]) for i in indices]
+    def read_batch(indices: range) -> list[tuple[np.ndarray | None, torch.Tensor | None, str]]:
+        loaded = [_read(paths[i]) for i in indices]
+        return [(image, None if image is None else resize_image(image, size), error)
+                for image, error in loaded]
 
-    # Reading the next batch and writing the last one overlap the model's work (PIL and zlib
-    # release the GIL); at most one batch ahead and two behind are held in memory.
+    # Reading (and resizing) the next batch and writing the last one overlap the model's work
+    # (PIL, zlib and torch release the GIL); at most one batch ahead and two behind are held
+    # in memory.
     with ThreadPoolExecutor(max_workers=2) as pool:
         pending_read = pool.submit(read_batch, batches[0])
         writes: list[Any] = []
@@ -138,8 +146,9 @@ def score_folder(model_path: str | os.PathLike, images_dir: str | os.PathLike,
             indices, loaded = batches[b], pending_read.result()
             if b + 1 < len(batches):
                 pending_read = pool.submit(read_batch, batches[b + 1])
-            good = [(i, image) for i, (image, _) in zip(indices, loaded) if image is not None]
-            for i, (image, error) in zip(indices, loaded):
+            good = [(i, image, small) for i, (image, small, _) in zip(indices, loaded)
+                    if image is not None]
+            for i, (image, _, error) in zip(indices, loaded):
                 if image is None:
                     errors[relative[i].as_posix()] = error
                     log(f"skipped unreadable image {relative[i].as_posix()}: {error}")
@@ -147,12 +156,12 @@ def score_folder(model_path: str | os.PathLike, images_dir: str | os.PathLike,
                                  "threshold": f"{thresholds['image']:.9g}", "error": error})
             if not good:
                 continue
-            for i, image in good:
+            for i, image, _ in good:
                 notes.add(relative[i].as_posix(), image)
-            batch = torch.stack([resize_image(image, size) for _, image in good]).to(torch_device)
+            batch = torch.stack([small for _, _, small in good]).to(torch_device)
             maps, scores = anomaly_maps(method, model, batch, settings)
             maps, scores = maps.float().cpu(), scores.float().cpu()
-            for (i, image), small_map, score in zip(good, maps, scores.tolist()):
+            for (i, image, _), small_map, score in zip(good, maps, scores.tolist()):
                 anomalous = score > thresholds["image"]
                 n_anomalous += anomalous
                 rows.append({"path": relative[i].as_posix(), "score": f"{score:.9g}",
