@@ -56,6 +56,15 @@ def resize_image(image: np.ndarray, size: int) -> torch.Tensor:
     return tensor[0].clamp(0, 1)
 
 
+def model_input(image: np.ndarray, size: int) -> torch.Tensor:
+    """(H, W, 3) float in [0, 1] -> (3, S, S) uint8: what the model sees of an image.
+
+    ``fit`` keeps its images as 8-bit (memory) and ``score`` uses this too, so a held-back
+    image scores exactly as it did when it set the threshold.
+    """
+    return (resize_image(image, size) * 255).round().to(torch.uint8)
+
+
 @dataclass
 class FolderNotes:
     """What is worth saying once about a folder: grey/colour mix and images much smaller than S."""
@@ -128,7 +137,7 @@ def load_folder(paths: Sequence[Path], size: int, *, root: Path | None = None,
             failures.append((path, str(err)))
             continue
         notes.add(str(path.relative_to(root)) if root else path.name, image)
-        kept.append((resize_image(image, size) * 255).round().to(torch.uint8))
+        kept.append(model_input(image, size))
         ok.append(path)
     images = torch.stack(kept) if kept else torch.empty(0, 3, size, size, dtype=torch.uint8)
     return FolderImages(images, ok, failures, notes)

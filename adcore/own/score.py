@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from adcore.data.imageio import read_image
 from adcore.own.detectors import anomaly_maps, build_model, load_weights
 from adcore.own.fit import resolve_device
-from adcore.own.images import FolderNotes, find_images, resize_image
+from adcore.own.images import FolderNotes, find_images, model_input
 from adcore.own.model_file import load_model_file, thresholds_for
 from adcore.own.render import output_names, overlay_rgb, write_map, write_mask, write_overlay
 from adcore.runtime import atomic_path
@@ -132,7 +132,7 @@ def score_folder(model_path: str | os.PathLike, images_dir: str | os.PathLike,
 
     def read_batch(indices: range) -> list[tuple[np.ndarray | None, torch.Tensor | None, str]]:
         loaded = [_read(paths[i]) for i in indices]
-        return [(image, None if image is None else resize_image(image, size), error)
+        return [(image, None if image is None else model_input(image, size).float() / 255.0, error)
                 for image, error in loaded]
 
     # Reading (and resizing) the next batch and writing the last one overlap the model's work
