@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
 import adcore.repro.cflow as repro_cflow
 from adcore.repro.common import METRIC_KEYS, ReproArgs, run_method
+from adcore.repro.presets import CFLOW_FAST, CFlowPreset, choose_backbone
 
-TINY = {"image_size": 64, "epochs": 2, "batch_size": 4, "fiber_batch": 16,
-        "n_train": 8, "n_test": 8}
+#: the tiny run of these tests: the runner's documented override of its --fast preset
+TINY = replace(CFLOW_FAST, image_size=64, epochs=2, batch_size=4, fiber_batch=16, n_train=8,
+               n_test=8)
 
 
 @pytest.fixture(autouse=True)
-def _tiny_fast_preset(monkeypatch):
-    monkeypatch.setattr(repro_cflow, "FAST", TINY)
+def _one_thread():
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -25,7 +27,8 @@ def _tiny_fast_preset(monkeypatch):
 
 def test_fast_synthetic_run_writes_the_contract(tmp_path) -> None:
     out = tmp_path / "cflow.json"
-    run_method(ReproArgs(method="cflow", dataset="synthetic", out=out, fast=True, device="cpu"))
+    run_method(ReproArgs(method="cflow", dataset="synthetic", out=out, fast=True, device="cpu",
+                         preset=TINY))
     result = json.loads(out.read_text())
     assert set(result["metrics"]) == set(METRIC_KEYS)
     assert result["metrics"]["pixel_auroc"] > 0.6  # clearly above chance, even this small
@@ -39,17 +42,16 @@ def test_fast_synthetic_run_writes_the_contract(tmp_path) -> None:
     for key in ("version", "git_commit", "device", "torch", "date", "train_seconds"):
         assert key in result["provenance"]
     with pytest.raises(FileExistsError):
-        run_method(ReproArgs(method="cflow", dataset="synthetic", out=out, fast=True))
+        run_method(ReproArgs(method="cflow", dataset="synthetic", out=out, fast=True,
+                             preset=TINY))
 
 
-def test_stage_threads_from_the_command_line_change_nothing_but_the_speed(tmp_path) -> None:
-    from adcore.__main__ import main
-
+def test_stage_threads_change_nothing_but_the_speed(tmp_path) -> None:
     results = []
     for threads in (1, 2):
         out = tmp_path / f"threads{threads}.json"
-        assert main(["repro", "cflow", "--dataset", "synthetic", "--fast", "--device", "cpu",
-                     "--stage-threads", str(threads), "--out", str(out)]) == 0
+        run_method(ReproArgs(method="cflow", dataset="synthetic", out=out, fast=True,
+                             device="cpu", stage_threads=threads, preset=TINY))
         results.append(json.loads(out.read_text()))
     assert [r["config"]["train"]["stage_threads"] for r in results] == [1, 2]
     assert results[0]["metrics"] == results[1]["metrics"]
@@ -58,19 +60,43 @@ def test_stage_threads_from_the_command_line_change_nothing_but_the_speed(tmp_pa
 def test_runner_rejects_other_datasets(tmp_path) -> None:
     with pytest.raises(ValueError, match="cflow runs on synthetic, mvtec or cracks"):
         repro_cflow.run(ReproArgs(method="cflow", dataset="ucsd-ped1", out=tmp_path / "x.json",
-                                  fast=True, device="cpu"))
+                                  fast=True, device="cpu", preset=TINY))
 
 
 def test_runner_rejects_an_image_size_lite0_cannot_pool(tmp_path) -> None:
     with pytest.raises(ValueError, match="multiple of 32"):
         repro_cflow.run(ReproArgs(method="cflow", dataset="synthetic", out=tmp_path / "x.json",
-                                  fast=True, device="cpu", image_size=80))
+                                  fast=True, device="cpu", image_size=80, preset=TINY))
 
 
 def test_requested_backbone_is_used_as_is() -> None:
-    assert repro_cflow.choose_backbone("wide_resnet50_2", fast=False) == (
-        "wide_resnet50_2", "requested")
-    assert repro_cflow.choose_backbone(None, fast=True)[0] == "tf_efficientnet_lite0"
+    assert choose_backbone("wide_resnet50_2", fast=False) == ("wide_resnet50_2", "requested")
+    assert choose_backbone(None, fast=True)[0] == "tf_efficientnet_lite0"
+
+
+def test_presets_are_frozen_and_checked() -> None:
+    import dataclasses
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        CFLOW_FAST.epochs = 1  # type: ignore[misc]
+    with pytest.raises(ValueError, match="CFlowPreset.epochs=0"):
+        replace(CFLOW_FAST, epochs=0)
+    assert repro_cflow.preset_of(ReproArgs(method="cflow", dataset="synthetic", out="x.json",
+                                            fast=True, preset=TINY)) is TINY
+    assert repro_cflow.preset_of(ReproArgs(method="cflow", dataset="synthetic", out="x.json",
+                                            fast=True)) is CFLOW_FAST
+    assert isinstance(TINY, CFlowPreset)
+
+
+def test_a_preset_of_another_type_is_refused(tmp_path) -> None:
+    from adcore.repro.common import validate_args
+
+    with pytest.raises(ValueError, match="preset=.*CFlowPreset"):
+        validate_args(ReproArgs(method="vqvae", dataset="synthetic", out=tmp_path / "x.json",
+                                preset=TINY))
+    with pytest.raises(ValueError, match="preset="):
+        validate_args(ReproArgs(method="cflow", dataset="synthetic", out=tmp_path / "x.json",
+                                preset={"epochs": 2}))  # type: ignore[arg-type]
 
 
 def test_tables_skip_what_is_absent(tmp_path, capsys, monkeypatch) -> None:

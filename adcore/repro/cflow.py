@@ -38,21 +38,12 @@ from adcore.repro.common import (
     run_identity,
     run_method,
 )
+from adcore.repro.contrastive import prepare, run_table1
+from adcore.repro.presets import CFLOW_FAST, CFLOW_STANDARD, CFlowPreset, choose_backbone
 from adcore.runtime import fast_mode, seed_everything
 from adcore.train.cflow import CFlowTrainConfig, evaluate_images, train_cflow
 
-__all__ = ["FAST", "STANDARD", "choose_backbone", "run", "run_tables", "score_variants"]
-
-PAPER_BACKBONE = "tf_efficientnet_b6"
-OFFLINE_BACKBONE = "tf_efficientnet_lite0"
-
-#: the paper's settings (Sec. 3.2); the synthetic set has the size the VQ-VAE runner uses, so
-#: that the two methods are compared on the same images (rendered at 256 here)
-STANDARD: dict[str, Any] = {"image_size": 256, "epochs": 200, "batch_size": 8, "fiber_batch": 256,
-                            "n_train": 200, "n_test": 90}
-#: the CI-sized run (minutes on a laptop CPU)
-FAST: dict[str, Any] = {"image_size": 128, "epochs": 4, "batch_size": 8, "fiber_batch": 128,
-                        "n_train": 40, "n_test": 30}
+__all__ = ["VARIANTS", "preset_of", "run", "run_tables", "score_variants"]
 
 #: scoring variants stored beside the main metrics: (combination, normalisation)
 VARIANTS: dict[str, tuple[str, str]] = {
@@ -62,23 +53,11 @@ VARIANTS: dict[str, tuple[str, str]] = {
 }
 
 
-def choose_backbone(requested: str | None, fast: bool) -> tuple[str, str]:
-    """The backbone of a run and why: requested, else B6 if its weights load, else Lite0.
-
-    Fast runs use Lite0 (no download, small). Returns ``(name, reason)``.
-    """
-    if requested:
-        return requested, "requested"
-    if fast:
-        return OFFLINE_BACKBONE, "fast mode"
-    from adcore.features import BackboneWeightsUnavailableError, create_backbone
-
-    try:
-        create_backbone(PAPER_BACKBONE, features_only=True, pretrained=True)
-    except BackboneWeightsUnavailableError as err:
-        print(f"note: {PAPER_BACKBONE} weights unavailable, using {OFFLINE_BACKBONE}: {err}")
-        return OFFLINE_BACKBONE, f"{PAPER_BACKBONE} weights unavailable"
-    return PAPER_BACKBONE, "the paper's backbone"
+def preset_of(args: ReproArgs) -> CFlowPreset:
+    """The sizes of a run: ``args.preset`` if given, else the ``--fast`` or the paper's preset."""
+    if args.preset is not None:
+        return args.preset
+    return CFLOW_FAST if args.fast or fast_mode() else CFLOW_STANDARD
 
 
 def score_variants(log_p: list[torch.Tensor], channels: list[int], image_size: int,
@@ -115,13 +94,11 @@ def run(args: ReproArgs) -> dict[str, Any]:
         BackboneWeightsUnavailableError: ``--backbone`` names weights that cannot be loaded.
     """
     fast = bool(args.fast or fast_mode())
-    preset = FAST if fast else STANDARD
+    preset = preset_of(args)
     device = resolve_device(args)
     seed_everything(args.seed)
     contrastive_setup = None
     if args.loss != "none" or args.dataset == "cracks":
-        from adcore.repro.contrastive import prepare
-
         contrastive_setup = prepare(args)
         image_size = contrastive_setup["image_size"]
         backbone, why = contrastive_setup["backbone"], contrastive_setup["config"].get(
@@ -131,19 +108,18 @@ def run(args: ReproArgs) -> dict[str, Any]:
     else:
         if args.dataset not in ("synthetic", "mvtec"):
             raise ValueError(f"cflow runs on synthetic, mvtec or cracks; got {args.dataset!r}")
-        image_size = args.image_size or preset["image_size"]
+        image_size = args.image_size or preset.image_size
         backbone, why = choose_backbone(args.backbone, fast)
     # The model first: a bad backbone or image size fails before any data is generated.
     model_config = CFlowConfig(backbone=backbone, image_size=image_size)
     model = CFlowModel(model_config, generator=torch.Generator().manual_seed(args.seed))
     model.to(device)
     if contrastive_setup is None:
-        train_ds, test_ds = load_datasets(args, image_size, n_train=preset["n_train"],
-                                          n_test=preset["n_test"])
+        train_ds, test_ds = load_datasets(args, image_size, n_train=preset.n_train,
+                                          n_test=preset.n_test)
         train_config = CFlowTrainConfig(
-            epochs=args.epochs or preset["epochs"], batch_size=min(preset["batch_size"],
-                                                                   len(train_ds)),
-            fiber_batch=preset["fiber_batch"], seed=args.seed,
+            epochs=args.epochs or preset.epochs, batch_size=min(preset.batch_size, len(train_ds)),
+            fiber_batch=preset.fiber_batch, seed=args.seed,
             stage_threads=args.stage_threads,
             **({} if args.flow_loss is None else {"flow_loss": args.flow_loss}))
 
@@ -238,7 +214,5 @@ def run_tables(results_dir: Path, root: Path | None, device: str | None,
             written.append(run_method(args))
             print(f"wrote {out}")
     # Table 1 of the civil-engineering paper: every loss on cracks and on MVTec AD tile.
-    from adcore.repro.contrastive import run_table1
-
     written += run_table1(results_dir, root, device, fast, seeds=seeds, epochs=epochs)
     return written

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 import adcore
+from adcore.repro.presets import CFLOW_DATASETS, VQVAE_DATASETS, CFlowPreset
 from adcore.runtime import atomic_path, default_device
 
 __all__ = [
@@ -59,7 +60,8 @@ __all__ = [
 
 #: method name -> module implementing ``run(args)`` and ``run_tables(...)``
 METHODS: dict[str, str] = {"vqvae": "adcore.repro.vqvae", "cflow": "adcore.repro.cflow"}
-DATASETS: tuple[str, ...] = ("synthetic", "mvtec", "ucsd-ped1", "cifar10", "cracks")
+#: every data set of some method (each method's own list is in :mod:`adcore.repro.presets`)
+DATASETS: tuple[str, ...] = tuple(dict.fromkeys(VQVAE_DATASETS + CFLOW_DATASETS))
 METRIC_KEYS: tuple[str, ...] = ("image_auroc", "pixel_auroc", "pixel_auroc_per_image", "pixel_aupro")
 #: the largest ``--image-size``: four times the papers' 256, already 16 times their memory
 MAX_IMAGE_SIZE = 1024
@@ -90,6 +92,10 @@ class ReproArgs:
     flow_loss: str | None = None
     mask_rule: str = "binary"
     fusion: str = "sum"
+    #: cflow: the sizes that replace the standard or ``--fast`` preset (None: those); not a
+    #: command-line flag, the documented override for tests and notebooks, e.g.
+    #: ``dataclasses.replace(adcore.repro.presets.CFLOW_FAST, epochs=2)``
+    preset: CFlowPreset | None = None
 
 
 def resolve_device(args: ReproArgs) -> torch.device:
@@ -146,6 +152,10 @@ def validate_args(args: ReproArgs) -> None:
             f"activations, which would exhaust the memory (the papers use 256)")
     if isinstance(args.seed, bool) or not isinstance(args.seed, int) or not 0 <= args.seed < 2**32:
         raise ValueError(f"--seed {args.seed}: expected an integer from 0 to {2**32 - 1}")
+    if args.preset is not None and not (args.method == "cflow"
+                                        and isinstance(args.preset, CFlowPreset)):
+        raise ValueError(f"preset={args.preset!r}: expected None, or an "
+                         "adcore.repro.presets.CFlowPreset for the cflow method")
     if args.method == "vqvae":
         # flags of the CFlow-AD runs: accepting them here would let a reader believe they acted
         ignored = {"--loss": args.loss if args.loss not in (None, "none") else None,

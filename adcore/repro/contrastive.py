@@ -34,7 +34,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from adcore.repro.common import ReproArgs, load_datasets
+from adcore.losses import CONTRASTIVE_KINDS
+from adcore.repro.common import ReproArgs, load_datasets, read_result, seed_stats
+from adcore.repro.presets import (
+    CFLOW_FAST,
+    CFLOW_STANDARD,
+    CONTRASTIVE_DATASETS,
+    CONTRASTIVE_FAST,
+    CONTRASTIVE_STANDARD,
+    choose_backbone,
+)
 from adcore.runtime import fast_mode
 from adcore.train.contrastive import (
     PAPER_EPOCHS,
@@ -60,28 +69,15 @@ __all__ = [
     "variant_of",
 ]
 
-DATASETS: tuple[str, ...] = ("cracks", "mvtec", "synthetic")
-LOSSES: tuple[str, ...] = ("none", "boundary", "cl", "likelihood", "fusion")
+#: the data sets of the contrastive runs (:mod:`adcore.repro.presets`)
+DATASETS: tuple[str, ...] = CONTRASTIVE_DATASETS
+#: ``--loss``: L_None and the paper's four objectives (:mod:`adcore.losses` owns the names)
+LOSSES: tuple[str, ...] = CONTRASTIVE_KINDS
 #: the MVTec AD category whose defects are pasted into the target (the paper: wood into tile)
 MVTEC_SOURCE_CATEGORY = "wood"
 #: the crack set the real defects come from
 CRACK_SOURCE = "deepcrack"
 
-#: what the contrastive runs add to the CFlow-AD runner's presets (:data:`adcore.repro.cflow.
-#: STANDARD` / ``FAST``: image size, epochs, batch, fiber batch, synthetic set sizes), so that a
-#: run with ``--loss none`` and one with a contrastive term see the same data and schedule.
-_STANDARD: dict[str, Any] = {
-    "cracks": {"n_train_images": None, "n_test_images": None, "n_sources": None},
-    "synthetic": {"n_sources": 32},
-    "mvtec": {"n_sources": None},
-}
-#: ``--fast``: a few crack images (10 for training: 49 healthy crops; 6 for testing: 54
-#: crops) and sources.
-_FAST: dict[str, Any] = {
-    "cracks": {"n_train_images": 10, "n_test_images": 6, "n_sources": 12},
-    "synthetic": {"n_sources": 8},
-    "mvtec": {"n_sources": 16},
-}
 #: DeepCrack's cracks are about twice as wide, in pixels, as CrackForest's at their native
 #: sizes, and a CrackForest sub-image is about 160 pixels wide: reading the sources at
 #: S / 400 pastes cracks of the width of the real ones into S x S crops.
@@ -110,22 +106,24 @@ def resolve_settings(args: ReproArgs, image_size: int | None = None) -> dict[str
                          f"one of {', '.join(DATASETS)}")
     if args.loss not in LOSSES:
         raise ValueError(f"--loss {args.loss!r}: expected one of {', '.join(LOSSES)}")
-    from adcore.repro import cflow
-
     fast = bool(args.fast or fast_mode())
-    runner = cflow.FAST if fast else cflow.STANDARD
-    preset = _FAST if fast else _STANDARD
-    size = image_size or args.image_size or runner["image_size"]
-    epochs = args.epochs if args.epochs is not None else runner["epochs"]
+    # the CFlow-AD runner's sizes (adcore.repro.cflow.preset_of), so that a run with
+    # --loss none and one with a contrastive term see the same data and schedule
+    runner = args.preset or (CFLOW_FAST if fast else CFLOW_STANDARD)
+    extra = (CONTRASTIVE_FAST if fast else CONTRASTIVE_STANDARD)[args.dataset]
+    size = image_size or args.image_size or runner.image_size
+    epochs = args.epochs if args.epochs is not None else runner.epochs
     if epochs < 2:
         raise ValueError(f"--epochs {epochs}: a contrastive run needs at least 2 epochs (L_NF "
                          "alone first, then the contrastive term; the paper: 8 of 200)")
     schedule = scaled_schedule(int(epochs))
-    data = dict(preset[args.dataset])
+    data: dict[str, Any] = ({"n_sources": extra.n_sources} if args.dataset != "cracks" else
+                            {"n_train_images": extra.n_train_images,
+                             "n_test_images": extra.n_test_images, "n_sources": extra.n_sources})
     if args.dataset == "synthetic":
-        data.update(n_train=runner["n_train"], n_test=runner["n_test"])
-    return {"image_size": int(size), "epochs": int(epochs), "batch_size": runner["batch_size"],
-            "fiber_batch": runner["fiber_batch"], "start_epoch": schedule["start_epoch"],
+        data.update(n_train=runner.n_train, n_test=runner.n_test)
+    return {"image_size": int(size), "epochs": int(epochs), "batch_size": runner.batch_size,
+            "fiber_batch": runner.fiber_batch, "start_epoch": schedule["start_epoch"],
             "milestones": schedule["milestones"], "data": data, "fast": fast}
 
 
@@ -245,8 +243,6 @@ def prepare(args: ReproArgs, *, image_size: int | None = None,
         train, test, sources, info = _mvtec_data(args, size, data, datasets)
     else:
         train, test, sources, info = _synthetic_data(args, size, data, datasets)
-
-    from adcore.repro.cflow import choose_backbone
 
     backbone, why = choose_backbone(args.backbone, settings["fast"])
     flow_loss = {} if args.flow_loss is None else {"flow_loss": args.flow_loss}
@@ -382,9 +378,6 @@ def results_table(results_dir: str | Path, variant: dict[str, str] | None = None
         ValueError: a ``cflow_*.json`` file that is not a runner result (named), or an
             unknown variant key.
     """
-    from adcore.repro.cflow import STANDARD
-    from adcore.repro.common import read_result, seed_stats
-
     wanted = {**DEFAULT_VARIANT, **(variant or {})}
     if set(wanted) != set(DEFAULT_VARIANT):
         raise ValueError(f"variant keys {sorted(set(wanted) - set(DEFAULT_VARIANT))}: expected "
@@ -401,7 +394,7 @@ def results_table(results_dir: str | Path, variant: dict[str, str] | None = None
         fast = bool(config.get("fast"))
         epochs = (config.get("train") or {}).get("epochs")
         schedule = ("fast" if fast else
-                    "paper" if epochs is not None and epochs >= STANDARD["epochs"] else "reduced")
+                    "paper" if epochs is not None and epochs >= PAPER_EPOCHS else "reduced")
         seed = int(config.get("seed", 0))
         date = str(result["provenance"].get("date", ""))
         cell = runs.setdefault((loss, column, schedule, epochs or 0, data), {})
@@ -483,7 +476,7 @@ def run_table1(results_dir: str | Path, root: str | Path | None = None,
     """
     from adcore.data import data_root
     from adcore.data.cracks import crack_root
-    from adcore.repro.common import run_method
+    from adcore.repro import common  # looked up at call time: tests replace run_method
 
     results_dir = Path(results_dir)
     runs: list[tuple[str, str, Path | None]] = []
@@ -511,6 +504,6 @@ def run_table1(results_dir: str | Path, root: str | Path | None = None,
                 args = ReproArgs(method="cflow", dataset=dataset, out=out, root=data,
                                  category=target, device=device, loss=loss, fast=fast,
                                  seed=seed, epochs=epochs)
-                written.append(run_method(args))
+                written.append(common.run_method(args))
                 print(f"wrote {out}")
     return written

@@ -44,6 +44,7 @@ from adcore.repro.common import (
     run_identity,
     run_method,
 )
+from adcore.repro.presets import VQVAE_CPU, VQVAE_DATASETS, VQVAE_FAST, VQVAE_STANDARD
 from adcore.runtime import fast_mode, seed_everything
 from adcore.train.loop import progress
 from adcore.train.vqvae import (
@@ -70,81 +71,24 @@ __all__ = [
     "run_tables",
 ]
 
-DATASETS: tuple[str, ...] = ("synthetic", "mvtec", "ucsd-ped1", "cifar10")
+#: the data sets of this runner (:mod:`adcore.repro.presets` holds them with their settings)
+DATASETS: tuple[str, ...] = VQVAE_DATASETS
 #: the variant whose metrics are the run's main ``metrics``
 MAIN_VARIANT = "ssim+am"
-
-
-def _paper_model(**kw: Any) -> dict[str, Any]:
-    return {"hidden_channels": 256, "embedding_dim": 256, "codebook_size": 512, "n_residual": 3,
-            "beta": 0.25, "likelihood": "cbernoulli", **kw}
-
-
-#: per data set: model, training and map settings (standard mode)
-_STANDARD: dict[str, dict[str, Any]] = {
-    # The paper's MVTec AD protocol (Section 3.2).
-    "mvtec": {"model": _paper_model(in_channels=3, image_size=256, n_down=3),
-              "train": {"epochs": 200, "batch_size": 64, "lr": 2e-4, "images_per_epoch": 1024,
-                        "augment": True, "compile": True},
-              "maps": {"window": "uniform", "window_size": 15, "am_dilation": 9}},
-    # UCSD Ped1 (Section 3.3): grey 128², two downsamplings, SM dilated.
-    "ucsd-ped1": {"model": _paper_model(in_channels=1, image_size=128, n_down=2),
-                  "train": {"epochs": 20, "batch_size": 64, "lr": 2e-4, "compile": True},
-                  "maps": {"window": "uniform", "window_size": 11, "am_dilation": 5,
-                           "sm_dilation": 5}},
-    # CIFAR-10 one-vs-rest (Section 3.4): 32², two downsamplings (latent 8×8).
-    "cifar10": {"model": _paper_model(in_channels=3, image_size=32, n_down=2),
-                "train": {"epochs": 50, "batch_size": 64, "lr": 2e-4, "compile": True},
-                "maps": {"window": "uniform", "window_size": 7, "am_dilation": 5}},
-    # The embedded synthetic set, CPU-sized: 128², latent 32×32 as in the paper, 64 channels.
-    "synthetic": {"model": _paper_model(in_channels=3, image_size=128, n_down=2,
-                                        hidden_channels=64, embedding_dim=64, codebook_size=256),
-                  "train": {"epochs": 15, "batch_size": 16, "lr": 1e-3, "augment": True},
-                  "maps": {"window": "uniform", "window_size": 11, "am_dilation": 5},
-                  "data": {"n_train": 200, "n_test": 90}},
-}
-
-#: CI-sized overrides of ``--fast`` (a tiny model on small images, a few epochs)
-_FAST: dict[str, dict[str, Any]] = {
-    "synthetic": {"model": {"image_size": 64, "hidden_channels": 32, "embedding_dim": 32,
-                            "codebook_size": 128, "n_residual": 2},
-                  "train": {"epochs": 20, "batch_size": 16, "lr": 2e-3, "compile": False},
-                  "maps": {"window_size": 7, "am_dilation": 5},
-                  "data": {"n_train": 100, "n_test": 60}},
-    "mvtec": {"model": {"image_size": 64, "n_down": 2, "hidden_channels": 32, "embedding_dim": 32,
-                        "codebook_size": 128},
-              "train": {"epochs": 4, "batch_size": 16, "lr": 2e-3, "images_per_epoch": 256,
-                        "compile": False},
-              "maps": {"window_size": 7, "am_dilation": 5}},
-    "ucsd-ped1": {"model": {"image_size": 64, "hidden_channels": 32, "embedding_dim": 32,
-                            "codebook_size": 128},
-                  "train": {"epochs": 1, "batch_size": 16, "lr": 2e-3, "images_per_epoch": 512,
-                            "compile": False},
-                  "maps": {"window_size": 7, "am_dilation": 5, "sm_dilation": 3}},
-    "cifar10": {"model": {"hidden_channels": 32, "embedding_dim": 32, "codebook_size": 128},
-                "train": {"epochs": 1, "batch_size": 64, "lr": 2e-3, "compile": False}},
-}
-
-#: overrides of a standard (not ``--fast``) run on a CPU, where the paper's model does not fit
-#: the budget: CIFAR-10's model costs 0.9-3.7 s per step of 64 images on this book's 2-core
-#: machine, hours per class. The CPU model is the largest that runs the whole Table 3
-#: (10 classes x 3 seeds) in about two hours there (``benchmarks/RESULTS.md``, chapter 5); on a
-#: GPU the paper's model runs. The result file records which (``config.preset``).
-_CPU: dict[str, dict[str, Any]] = {
-    "cifar10": {"model": {"hidden_channels": 32, "embedding_dim": 32, "codebook_size": 128},
-                "train": {"epochs": 30}},
-}
 
 _DEFAULT_CATEGORY = {"synthetic": "concrete", "mvtec": "tile", "cifar10": "airplane"}
 
 
 def resolve_settings(args: ReproArgs, device: torch.device | None = None) -> dict[str, Any]:
-    """Every setting of a run: the data set's preset, ``--fast`` or CPU overrides, then the CLI's.
+    """Every setting of a run: the data set's preset (standard, ``--fast`` or CPU), then the CLI's.
+
+    The presets are :data:`adcore.repro.presets.VQVAE_STANDARD`, ``VQVAE_FAST`` and
+    ``VQVAE_CPU``.
 
     Args:
         args: the runner's arguments.
         device: where the run trains; on a CPU a standard run takes the CPU-sized model of
-            :data:`_CPU` where the data set has one (None: the paper's settings).
+            ``VQVAE_CPU`` where the data set has one (None: the paper's settings).
 
     Returns:
         ``{"model": VQVAEConfig, "train": VQVAETrainConfig, "maps": MapConfig, "data": {...},
@@ -153,25 +97,20 @@ def resolve_settings(args: ReproArgs, device: torch.device | None = None) -> dic
     Raises:
         ValueError: an unknown data set (the valid ones are listed) or invalid values.
     """
-    if args.dataset not in _STANDARD:
+    if args.dataset not in VQVAE_STANDARD:
         raise ValueError(f"the VQ-VAE runner has no data set {args.dataset!r}; expected one of "
                          f"{', '.join(DATASETS)}")
     fast = bool(args.fast or fast_mode())
-    preset = {part: dict(values) for part, values in _STANDARD[args.dataset].items()}
     on_cpu = device is not None and torch.device(device).type == "cpu"
-    name = "fast" if fast else "cpu" if on_cpu and args.dataset in _CPU else "paper"
-    overrides = _FAST[args.dataset] if fast else _CPU.get(args.dataset, {}) if on_cpu else {}
-    for part, values in overrides.items():
-        preset.setdefault(part, {}).update(values)
-    model = dict(preset["model"])
+    name = "fast" if fast else "cpu" if on_cpu and args.dataset in VQVAE_CPU else "paper"
+    preset = {"fast": VQVAE_FAST, "cpu": VQVAE_CPU, "paper": VQVAE_STANDARD}[name][args.dataset]
+    model = preset.model
     if args.image_size is not None:
-        model["image_size"] = args.image_size
-    train = {**preset["train"], "seed": args.seed}
+        model = replace(model, image_size=args.image_size)
+    train = replace(preset.train, seed=args.seed)
     if args.epochs is not None:
-        train["epochs"] = args.epochs
-    maps = dict(preset.get("maps", {}))
-    return {"model": VQVAEConfig(**model), "train": VQVAETrainConfig(**train),
-            "maps": MapConfig(**maps), "data": dict(preset.get("data", {})),
+        train = replace(train, epochs=args.epochs)
+    return {"model": model, "train": train, "maps": preset.maps, "data": dict(preset.data),
             "category": args.category or _DEFAULT_CATEGORY.get(args.dataset), "fast": fast,
             "preset": name}
 

@@ -52,6 +52,9 @@ from adcore.train.loop import (
 )
 
 __all__ = [
+    "PAPER_EPOCHS",
+    "PAPER_LR_DECAY",
+    "PAPER_MILESTONES",
     "SCHEDULES",
     "CFlowTrainConfig",
     "FiberPair",
@@ -64,11 +67,17 @@ __all__ = [
 ]
 
 SCHEDULES = ("step", "cflow")
+#: the civil-engineering paper's schedule (Sec. 3.2): 200 epochs, the learning rate divided by
+#: 10 after epochs 50, 75 and 90; every other home of these numbers reads them from here
+PAPER_EPOCHS = 200
+PAPER_MILESTONES: tuple[int, ...] = (50, 75, 90)
+PAPER_LR_DECAY = 0.1
 
 
 # --------------------------------------------------------------------------- schedules
-def step_learning_rate(epoch: int, *, lr: float = 2e-4, milestones: Sequence[int] = (50, 75, 90),
-                       gamma: float = 0.1) -> float:
+def step_learning_rate(epoch: int, *, lr: float = 2e-4,
+                       milestones: Sequence[int] = PAPER_MILESTONES,
+                       gamma: float = PAPER_LR_DECAY) -> float:
     """The civil-engineering paper's schedule (Sec. 3.2): lr divided by 10 after each milestone.
 
     Args:
@@ -133,13 +142,13 @@ class CFlowTrainConfig:
             :class:`FiberTrainer`; the steps do not change).
     """
 
-    epochs: int = 200
+    epochs: int = PAPER_EPOCHS
     sub_epochs: int = 1
     batch_size: int = 8
     lr: float = 2e-4
     schedule: str = "step"
-    milestones: tuple[int, ...] = (50, 75, 90)
-    gamma: float = 0.1
+    milestones: tuple[int, ...] = PAPER_MILESTONES
+    gamma: float = PAPER_LR_DECAY
     warmup_epochs: int = 2
     flow_loss: str = "nll"
     fiber_batch: int = 256
