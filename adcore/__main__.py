@@ -19,14 +19,13 @@ from adcore._env import configure_at_startup, configure_threads, threads_setting
 # Threads and OpenMP's wait policy before torch loads (the imports below load it).
 configure_at_startup(sys.argv[1:])
 
-from adcore.losses import FLOW_LOSS_KINDS, MASK_RULES  # noqa: E402
+from adcore.losses import CONTRASTIVE_KINDS, FLOW_LOSS_KINDS, MASK_RULES  # noqa: E402
 from adcore.own.cli import COMMANDS as OWN_COMMANDS  # noqa: E402
 from adcore.own.cli import add_commands, run_command  # noqa: E402
 from adcore.repro.common import DATASETS, METHODS, ReproArgs, results_dir, run_method  # noqa: E402
+from adcore.repro.presets import VQVAE_DATASETS  # noqa: E402
 from adcore.sweep import add_sweep_parser, run_sweep  # noqa: E402
 from adcore.train.contrastive import FUSION_WEIGHTS  # noqa: E402
-
-LOSSES = ("none", "boundary", "cl", "likelihood", "fusion")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -63,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     repro.add_argument("--epochs", type=int, default=None, help="training epochs (paper default)")
     repro.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: automatic)")
     repro.add_argument("--seed", type=int, default=0)
-    repro.add_argument("--loss", default="none", choices=LOSSES,
+    repro.add_argument("--loss", default="none", choices=CONTRASTIVE_KINDS,
                        help="contrastive objective added to the flow loss (cflow only)")
     repro.add_argument("--backbone", default=None, help="feature extractor (cflow only)")
     repro.add_argument("--fast", action="store_true", help="the CI-sized run (tiny and quick)")
@@ -95,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="cflow: epochs of the contrastive runs (default: the paper's 200; "
                              "shorter runs keep the schedule's fractions)")
     tables.add_argument("--dataset", dest="datasets", nargs="+", default=None,
-                        help="only these data sets (vqvae: synthetic mvtec ucsd-ped1 cifar10)")
+                        help=f"only these data sets (vqvae: {' '.join(VQVAE_DATASETS)})")
     add_sweep_parser(sub, repro)
     add_commands(sub)  # fit and score: a reader's own images (adcore.own)
     return parser

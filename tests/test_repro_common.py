@@ -85,3 +85,17 @@ def test_mean_image_map_by_hand() -> None:
         mean_image_map(images, torch.zeros(3, 3, 3))
     with pytest.raises(ValueError, match="score"):
         mean_image_metrics(_items(images), _items(images), score="median")
+
+
+def test_read_result_reads_every_committed_result_file() -> None:
+    """The chapters read the package's result files through read_result: all must pass."""
+    import adcore
+    from adcore.repro.common import read_result
+
+    folder = Path(adcore.__file__).resolve().parent / "results"
+    files = sorted(folder.glob("*.json"))
+    if not files:
+        pytest.skip("no committed result files in this copy of the package")
+    for path in files:
+        result = read_result(path)
+        assert set(METRIC_KEYS) <= set(result["metrics"]), path.name

@@ -39,7 +39,13 @@ from adcore.repro.common import (
     run_method,
 )
 from adcore.repro.contrastive import prepare, run_table1
-from adcore.repro.presets import CFLOW_FAST, CFLOW_STANDARD, CFlowPreset, choose_backbone
+from adcore.repro.presets import (
+    CFLOW_DATASETS,
+    CFLOW_FAST,
+    CFLOW_STANDARD,
+    CFlowPreset,
+    choose_backbone,
+)
 from adcore.runtime import fast_mode, seed_everything
 from adcore.train.cflow import CFlowTrainConfig, evaluate_images, train_cflow
 
@@ -106,8 +112,9 @@ def run(args: ReproArgs) -> dict[str, Any]:
         train_ds, test_ds = contrastive_setup["train"], contrastive_setup["test"]
         train_config = contrastive_setup["train_config"]
     else:
-        if args.dataset not in ("synthetic", "mvtec"):
-            raise ValueError(f"cflow runs on synthetic, mvtec or cracks; got {args.dataset!r}")
+        if args.dataset not in CFLOW_DATASETS:  # cracks has gone the contrastive way above
+            *others, last = CFLOW_DATASETS
+            raise ValueError(f"cflow runs on {', '.join(others)} or {last}; got {args.dataset!r}")
         image_size = args.image_size or preset.image_size
         backbone, why = choose_backbone(args.backbone, fast)
     # The model first: a bad backbone or image size fails before any data is generated.
