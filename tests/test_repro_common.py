@@ -99,3 +99,18 @@ def test_read_result_reads_every_committed_result_file() -> None:
     for path in files:
         result = read_result(path)
         assert set(METRIC_KEYS) <= set(result["metrics"]), path.name
+        assert "gamma" not in (result["config"].get("train") or {}), path.name
+
+
+def test_read_result_gives_old_keys_their_current_names(tmp_path: Path) -> None:
+    from adcore.repro.common import read_result
+
+    out = write_result(tmp_path / "old.json", metrics=METRICS, device="cpu", train_seconds=1.0,
+                       eval_seconds=1.0, config={"method": "cflow",
+                                                 "train": {"lr": 2e-4, "gamma": 0.1, "seed": 0}})
+    train = read_result(out)["config"]["train"]
+    assert train == {"lr": 2e-4, "lr_decay": 0.1, "seed": 0} and list(train)[1] == "lr_decay"
+    current = write_result(tmp_path / "new.json", metrics=METRICS, device="cpu",
+                           train_seconds=1.0, eval_seconds=1.0,
+                           config={"train": {"lr_decay": 0.5}})
+    assert read_result(current)["config"]["train"] == {"lr_decay": 0.5}

@@ -27,7 +27,12 @@ from typing import Any
 
 import torch
 
-from adcore.cflow import CFlowConfig, CFlowModel, anomaly_maps_from_log_likelihoods
+from adcore.cflow import (
+    NORMALIZATIONS,
+    CFlowConfig,
+    CFlowModel,
+    anomaly_maps_from_log_likelihoods,
+)
 from adcore.repro.common import (
     ReproArgs,
     checkpoint_file,
@@ -71,6 +76,9 @@ def score_variants(log_p: list[torch.Tensor], channels: list[int], image_size: i
                    main: tuple[str, str] = ("product", "train")) -> tuple[dict, dict]:
     """The four metrics for the main scoring and for each of :data:`VARIANTS`.
 
+    The run's main scoring is its model's (``CFlowConfig.combine`` and ``normalization``);
+    the variants are the same log-likelihoods scored the other ways.
+
     Args:
         log_p: per stage, (N, H_l, W_l) log-likelihoods of the test images.
         channels: C_l per stage.
@@ -81,7 +89,13 @@ def score_variants(log_p: list[torch.Tensor], channels: list[int], image_size: i
 
     Returns:
         ``(metrics, variants)``.
+
+    Raises:
+        ValueError: an unknown combination or normalisation.
     """
+    if main[1] not in NORMALIZATIONS:
+        raise ValueError(f"normalization {main[1]!r}: expected one of {NORMALIZATIONS}")
+
     def metrics_of(how: str, normalisation: str) -> dict:
         reference = normalization if normalisation == "train" else None
         maps, scores = anomaly_maps_from_log_likelihoods(log_p, channels, image_size,
@@ -147,7 +161,8 @@ def run(args: ReproArgs) -> dict[str, Any]:
     results = evaluate_images(model, test_ds, batch_size=train_config.batch_size)
     metrics, variants = score_variants(results["log_p"], model.channels, image_size,
                                        model.normalization.cpu(), results["masks"],
-                                       results["labels"])
+                                       results["labels"],
+                                       main=(model_config.combine, model_config.normalization))
     # The baseline, averaged over the finest feature cell, scored by its maximum as CFlow-AD.
     finest_stride = image_size // model.stage_sizes[0][0]
     variants["mean_image"] = mean_image_metrics(train_ds, test_ds,
@@ -162,7 +177,9 @@ def run(args: ReproArgs) -> dict[str, Any]:
         "backbone": backbone, "backbone_choice": why,
         "model": model_config.to_dict(), "train": train_config.to_dict(),
         "n_train": len(train_ds), "n_test": len(test_ds),
-        "scoring": {"main": "product of Eq. 4 stage scores, training-set normalisation",
+        "scoring": {"main": f"{model_config.combine} of Eq. 4 stage scores, "
+                            + {"train": "training-set", "test_max": "test-set maximum"}[
+                                model_config.normalization] + " normalisation",
                     "variants": {k: {"combine": c, "normalization": n}
                                  for k, (c, n) in VARIANTS.items()}},
         "measured": {"optimizer_steps_per_stage": history["steps"],

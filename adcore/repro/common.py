@@ -466,6 +466,9 @@ def write_result(out: str | os.PathLike, *, metrics: dict[str, float | None],
 def read_result(path: str | os.PathLike) -> dict[str, Any]:
     """Read one result file of the contract (the counterpart of :func:`write_result`).
 
+    Older files are read with today's names (``config.train.gamma`` is ``lr_decay``), so a
+    reader needs no case for them.
+
     Raises:
         ValueError: the file is not valid JSON or lacks ``metrics``/``provenance`` (the
             message names the file).
@@ -478,6 +481,20 @@ def read_result(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{path} is not valid JSON: {err}") from err
     if not isinstance(result, dict) or "metrics" not in result or "provenance" not in result:
         raise ValueError(f"{path} is not a runner result (expected 'metrics' and 'provenance')")
+    return _current_names(result)
+
+
+#: training-setting keys renamed since result files were first written: old -> new
+_RENAMED_TRAIN_KEYS = {"gamma": "lr_decay"}  # CFlowTrainConfig's learning-rate decay factor
+
+
+def _current_names(result: dict[str, Any]) -> dict[str, Any]:
+    """``result`` with the configuration keys of older files under their current names."""
+    train = (result.get("config") or {}).get("train")
+    if isinstance(train, dict) and any(old in train for old in _RENAMED_TRAIN_KEYS):
+        result["config"]["train"] = {
+            _RENAMED_TRAIN_KEYS.get(key, key) if _RENAMED_TRAIN_KEYS.get(key) not in train
+            else key: value for key, value in train.items()}
     return result
 
 

@@ -77,16 +77,16 @@ PAPER_LR_DECAY = 0.1
 # --------------------------------------------------------------------------- schedules
 def step_learning_rate(epoch: int, *, lr: float = 2e-4,
                        milestones: Sequence[int] = PAPER_MILESTONES,
-                       gamma: float = PAPER_LR_DECAY) -> float:
+                       lr_decay: float = PAPER_LR_DECAY) -> float:
     """The civil-engineering paper's schedule (Sec. 3.2): lr divided by 10 after each milestone.
 
     Args:
         epoch: 0-based epoch.
         lr: initial learning rate (2e-4).
-        milestones: epochs after which the rate is multiplied by ``gamma`` (50, 75, 90).
-        gamma: the factor (0.1).
+        milestones: epochs after which the rate is multiplied by ``lr_decay`` (50, 75, 90).
+        lr_decay: the factor (0.1).
     """
-    return lr * gamma ** sum(epoch >= m for m in milestones)
+    return lr * lr_decay ** sum(epoch >= m for m in milestones)
 
 
 def cflow_learning_rate(epoch: int, iteration: int, iterations_per_epoch: int, *,
@@ -130,7 +130,11 @@ class CFlowTrainConfig:
         batch_size: images per batch (paper: 8; CFlow-AD: 32). Incomplete batches are dropped.
         lr: initial learning rate (2e-4).
         schedule: ``"step"`` (paper) or ``"cflow"`` (warm-up + cosine).
-        milestones, gamma: of the step schedule.
+        milestones: epochs after which the step schedule multiplies the rate by ``lr_decay``.
+        lr_decay: the factor of the step schedule at each milestone (paper: 0.1), and the
+            ``decay_rate`` of the CFlow-AD schedule (its cosine ends at ``lr * lr_decay**3``).
+            Result files written before it had this name call it ``gamma``
+            (:func:`adcore.repro.common.read_result` reads both).
         warmup_epochs: of the CFlow-AD schedule.
         flow_loss: ``"nll"`` (the paper's Eq. 3) or ``"logsigmoid"`` (CFlow-AD).
         fiber_batch: N, fibers per optimizer step (256).
@@ -148,7 +152,7 @@ class CFlowTrainConfig:
     lr: float = 2e-4
     schedule: str = "step"
     milestones: tuple[int, ...] = PAPER_MILESTONES
-    gamma: float = PAPER_LR_DECAY
+    lr_decay: float = PAPER_LR_DECAY
     warmup_epochs: int = 2
     flow_loss: str = "nll"
     fiber_batch: int = 256
@@ -193,10 +197,10 @@ def learning_rate(config: CFlowTrainConfig, epoch: int, iteration: int,
     """The learning rate of one image batch under ``config.schedule``."""
     if config.schedule == "step":
         return step_learning_rate(epoch, lr=config.lr, milestones=config.milestones,
-                                  gamma=config.gamma)
+                                  lr_decay=config.lr_decay)
     return cflow_learning_rate(epoch, iteration, iterations_per_epoch, lr=config.lr,
                                epochs=config.epochs, warmup_epochs=config.warmup_epochs,
-                               decay_rate=config.gamma)
+                               decay_rate=config.lr_decay)
 
 
 @dataclass

@@ -124,7 +124,7 @@ def paper_train_config(**overrides: object) -> CFlowTrainConfig:
     """
     settings: dict[str, object] = {"epochs": PAPER_EPOCHS, "sub_epochs": 1, "batch_size": 8,
                                    "lr": 2e-4, "schedule": "step",
-                                   "milestones": PAPER_MILESTONES, "gamma": PAPER_LR_DECAY,
+                                   "milestones": PAPER_MILESTONES, "lr_decay": PAPER_LR_DECAY,
                                    "flow_loss": "logsigmoid"}
     settings.update(overrides)
     return CFlowTrainConfig(**settings)  # type: ignore[arg-type]
