@@ -80,7 +80,12 @@ def _parser() -> argparse.ArgumentParser:
     repro.add_argument("--force", action="store_true", help="replace an existing --out file")
     repro.add_argument("--out", type=Path, required=True, help="result file (.json)")
 
-    tables = sub.add_parser("tables", help="run a paper's tables for the data that is present")
+    tables = sub.add_parser("tables", help="run a paper's tables for the data that is present",
+                            description="Run every table cell whose data is present, one "
+                                        "repro process per cell and seed through the sweep's "
+                                        "local executor: existing result files are kept, "
+                                        "interrupted runs resume, absent data is skipped "
+                                        "with a message.")
     tables.add_argument("name", choices=sorted(METHODS))
     tables.add_argument("--results-dir", type=Path, default=None,
                         help="where result files go (default: the package's results folder, "
@@ -95,6 +100,12 @@ def _parser() -> argparse.ArgumentParser:
                              "shorter runs keep the schedule's fractions)")
     tables.add_argument("--dataset", dest="datasets", nargs="+", default=None,
                         help=f"only these data sets (vqvae: {' '.join(VQVAE_DATASETS)})")
+    tables.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="runs at once (default 1), each its own process: on the CPU the "
+                             "cores are shared out (one thread each when N is the core "
+                             "count), on GPUs one GPU each")
+    tables.add_argument("--log-dir", type=Path, default=None,
+                        help="one log per run (default: logs/tables under the data root)")
     add_sweep_parser(sub, repro)
     add_commands(sub)  # fit and score: a reader's own images (adcore.own)
     return parser
@@ -142,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             extra = ({"datasets": tuple(args.datasets) if args.datasets else None}
                      if args.name == "vqvae" else {"epochs": args.epochs})
             written = module.run_tables(args.results_dir, args.root, args.device, args.fast,
-                                        seeds=tuple(args.seeds), **extra)
+                                        seeds=tuple(args.seeds), jobs=args.jobs,
+                                        log_dir=args.log_dir, **extra)
             print(f"wrote {len(written)} result file(s) into {args.results_dir}")
     except KeyboardInterrupt:
         print("interrupted; training checkpoints after every epoch: run the same command again "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,32 +101,53 @@ def test_a_preset_of_another_type_is_refused(tmp_path) -> None:
 
 
 def test_tables_skip_what_is_absent(tmp_path, capsys, monkeypatch) -> None:
-    calls = []
+    import adcore.sweep as sweep
 
-    def fake_run_method(args: ReproArgs):
-        calls.append(args)
-        return args.out
+    commands = []
 
-    import adcore.repro.common as common
+    def fake_popen(command, env, stdout, stderr):
+        commands.append(command)
 
-    monkeypatch.setattr(repro_cflow, "run_method", fake_run_method)
-    monkeypatch.setattr(common, "run_method", fake_run_method)  # Table 1 runs go through it
+        class Process:
+            def wait(self) -> int:
+                Path(command[command.index("--out") + 1]).write_text("{}")
+                return 0
+
+        return Process()
+
+    monkeypatch.setattr(sweep.subprocess, "Popen", fake_popen)
     (tmp_path / "no_cracks").mkdir()
     monkeypatch.setenv("ADCORE_CRACKS", str(tmp_path / "no_cracks"))
+    logs = tmp_path / "logs"
     written = repro_cflow.run_tables(tmp_path / "results", tmp_path / "no_mvtec", "cpu", True,
-                                     seeds=(0,))
+                                     seeds=(0,), log_dir=logs)
     printed = capsys.readouterr().out
     assert "skip: MVTec AD tile not found" in printed and "Lingo (private)" in printed
     assert "skip: no crack data" in printed
-    assert [a.dataset for a in calls] == ["synthetic"]
     assert written == [tmp_path / "results" / "cflow_synthetic_concrete_fast_s0.json"]
-    assert not calls[0].force and calls[0].fast and calls[0].root is None
+    [command] = commands
+    repro = command[command.index("repro"):]
+    assert repro == ["repro", "cflow", "--dataset", "synthetic", "--category", "concrete",
+                     "--device", "cpu", "--seed", "0", "--fast", "--out", str(written[0])]
     # An existing result is kept, not measured again; another seed is.
-    calls.clear()
-    (tmp_path / "results").mkdir()
-    written[0].write_text("{}")
+    commands.clear()
     assert repro_cflow.run_tables(tmp_path / "results", tmp_path / "no_mvtec", "cpu", True,
-                                  seeds=(0,)) == []
-    assert calls == [] and "keep:" in capsys.readouterr().out
-    repro_cflow.run_tables(tmp_path / "results", tmp_path / "no_mvtec", "cpu", True, seeds=(0, 1))
-    assert [(a.dataset, a.seed) for a in calls] == [("synthetic", 1)]
+                                  seeds=(0,), log_dir=logs) == []
+    assert commands == [] and "keep:" in capsys.readouterr().out
+    repro_cflow.run_tables(tmp_path / "results", tmp_path / "no_mvtec", "cpu", True, seeds=(0, 1),
+                           log_dir=logs)
+    assert [c[c.index("--seed") + 1] for c in commands] == ["1"]
+
+
+def test_table1_runs_name_every_loss_and_keep_the_file_names(tmp_path, monkeypatch) -> None:
+    from adcore.repro.contrastive import LOSSES, result_name, table1_runs
+
+    cracks = tmp_path / "cracks"
+    (cracks / "cfd").mkdir(parents=True)
+    monkeypatch.setenv("ADCORE_CRACKS", str(cracks))
+    runs = table1_runs(tmp_path / "results", tmp_path / "no_mvtec", None, False, seeds=(2,),
+                       epochs=16)
+    assert [run.out.name for run in runs] == [
+        result_name("cracks", "cfd", loss, False, seed=2, epochs=16) for loss in LOSSES]
+    assert runs[1].argv == ("cflow", "--dataset", "cracks", "--category", "cfd", "--seed", "2",
+                            "--loss", "boundary", "--epochs", "16")

@@ -41,9 +41,8 @@ from adcore.repro.common import (
     mean_image_metrics,
     resolve_device,
     run_identity,
-    run_method,
 )
-from adcore.repro.contrastive import prepare, run_table1
+from adcore.repro.contrastive import prepare, table1_runs
 from adcore.repro.presets import (
     CFLOW_DATASETS,
     CFLOW_FAST,
@@ -51,10 +50,12 @@ from adcore.repro.presets import (
     CFlowPreset,
     choose_backbone,
 )
+from adcore.repro.tables import run_table_runs, table_run
 from adcore.runtime import fast_mode, seed_everything
+from adcore.sweep import Run
 from adcore.train.cflow import CFlowTrainConfig, evaluate_images, train_cflow
 
-__all__ = ["VARIANTS", "preset_of", "run", "run_tables", "score_variants"]
+__all__ = ["VARIANTS", "preset_of", "run", "run_tables", "score_variants", "table_runs"]
 
 #: scoring variants stored beside the main metrics: (combination, normalisation)
 VARIANTS: dict[str, tuple[str, str]] = {
@@ -195,15 +196,16 @@ def run(args: ReproArgs) -> dict[str, Any]:
             "resumed_from_epoch": history["resumed_from_epoch"]}
 
 
-def run_tables(results_dir: Path, root: Path | None, device: str | None,
+def table_runs(results_dir: Path, root: Path | None, device: str | None,
                fast: bool, seeds: tuple[int, ...] = (0, 1, 2),
-               epochs: int | None = None) -> list[Path]:
-    """The runs behind the book's CFlow-AD tables, for the data that is present.
+               epochs: int | None = None) -> list[Run]:
+    """The runs behind the book's CFlow-AD tables still to do, for the data that is present.
 
     L_None on the synthetic set (the book's comparison with the VQ-VAE) and on MVTec AD
     ``tile`` (the paper's Table 1, first column) when it is found; the paper's other data sets
-    (Crack500, RDG, Lingo) are not available here and are reported as skipped. The
-    contrastive rows of Table 1 are produced by ``--loss`` runs (chapter 9).
+    (Crack500, RDG, Lingo) are not available here and are reported as skipped. Then the
+    contrastive rows of Table 1 (:func:`adcore.repro.contrastive.table1_runs`). Existing
+    result files are kept.
 
     Args:
         results_dir, root, device, fast: as ``python -m adcore tables``.
@@ -211,32 +213,42 @@ def run_tables(results_dir: Path, root: Path | None, device: str | None,
         epochs: the contrastive runs' ``--epochs`` (None: the paper's schedule).
 
     Returns:
-        The result files written (``cflow_<dataset>_<category>[_fast]_s<seed>.json`` and the
-        contrastive runs' files).
+        The runs (``cflow_<dataset>_<category>[_fast]_s<seed>.json`` and the contrastive
+        runs' files).
     """
     from adcore.data import data_root
 
     results_dir = Path(results_dir)
     suffix = "_fast" if fast else ""
-    runs: list[tuple[str, str, Path | None]] = [("synthetic", "concrete", None)]
+    cells: list[tuple[str, str, Path | None]] = [("synthetic", "concrete", None)]
     mvtec_root = Path(root) if root is not None else data_root() / "mvtec_anomaly_detection"
     if (mvtec_root / "tile").is_dir():
-        runs.append(("mvtec", "tile", mvtec_root))
+        cells.append(("mvtec", "tile", mvtec_root))
     else:
         print(f"skip: MVTec AD tile not found under {mvtec_root}")
     for name in ("Crack500", "RDG (private)", "Lingo (private)"):
         print(f"skip: {name} is not available here")
-    written = []
-    for dataset, category, data in runs:
+    runs = []
+    for dataset, category, data in cells:
         for seed in seeds:
-            out = results_dir / f"cflow_{dataset}_{category}{suffix}_s{seed}.json"
-            if out.exists():  # a measured result is never replaced without being asked
-                print(f"keep: {out} exists (delete it to measure again)")
+            name = f"cflow_{dataset}_{category}{suffix}_s{seed}.json"
+            if (results_dir / name).exists():  # a measured result is never replaced unasked
+                print(f"keep: {results_dir / name} exists (delete it to measure again)")
                 continue
-            args = ReproArgs(method="cflow", dataset=dataset, out=out, root=data,
-                             category=category, device=device, fast=fast, seed=seed)
-            written.append(run_method(args))
-            print(f"wrote {out}")
+            runs.append(table_run(results_dir, name, "cflow", dataset, category=category,
+                                  root=data, device=device, fast=fast, seed=seed))
     # Table 1 of the civil-engineering paper: every loss on cracks and on MVTec AD tile.
-    written += run_table1(results_dir, root, device, fast, seeds=seeds, epochs=epochs)
-    return written
+    return runs + table1_runs(results_dir, root, device, fast, seeds=seeds, epochs=epochs)
+
+
+def run_tables(results_dir: Path, root: Path | None, device: str | None,
+               fast: bool, seeds: tuple[int, ...] = (0, 1, 2),
+               epochs: int | None = None, *, jobs: int = 1,
+               log_dir: Path | None = None) -> list[Path]:
+    """Run :func:`table_runs`, ``jobs`` at once through the sweep's local executor.
+
+    Returns:
+        The result files written.
+    """
+    return run_table_runs(table_runs(results_dir, root, device, fast, seeds, epochs),
+                          jobs=jobs, log_dir=log_dir)

@@ -44,7 +44,9 @@ from adcore.repro.presets import (
     CONTRASTIVE_STANDARD,
     choose_backbone,
 )
+from adcore.repro.tables import run_table_runs, table_run
 from adcore.runtime import fast_mode
+from adcore.sweep import Run
 from adcore.train.contrastive import (
     PAPER_EPOCHS,
     SyntheticAnomalyAugment,
@@ -66,6 +68,7 @@ __all__ = [
     "result_name",
     "results_table",
     "run_table1",
+    "table1_runs",
     "variant_of",
 ]
 
@@ -454,13 +457,14 @@ def results_table(results_dir: str | Path, variant: dict[str, str] | None = None
     return table
 
 
-def run_table1(results_dir: str | Path, root: str | Path | None = None,
-               device: str | None = None, fast: bool = False,
-               seeds: tuple[int, ...] = (0, 1, 2), epochs: int | None = None) -> list[Path]:
-    """Run the five losses of Table 1 on the crack data (and MVTec AD tile) when present.
+def table1_runs(results_dir: str | Path, root: str | Path | None = None,
+                device: str | None = None, fast: bool = False,
+                seeds: tuple[int, ...] = (0, 1, 2), epochs: int | None = None) -> list[Run]:
+    """The runs of Table 1 still to do: five losses on the crack data and MVTec AD tile.
 
-    Writes one :func:`result_name` file per loss and seed; prints a skip message for each
-    column whose data is absent (RDG and Lingo are private).
+    One :func:`result_name` file per data set, loss and seed; prints a skip message for each
+    column whose data is absent (RDG and Lingo are private) and a keep message for each
+    result that exists (delete it to measure again).
 
     Args:
         results_dir: where to write (``adcore.repro.results_dir()``).
@@ -472,38 +476,47 @@ def run_table1(results_dir: str | Path, root: str | Path | None = None,
         epochs: ``--epochs`` (None: the paper's 200, or the fast preset).
 
     Returns:
-        The files written.
+        The runs (:class:`adcore.sweep.Run`).
     """
     from adcore.data import data_root
     from adcore.data.cracks import crack_root
-    from adcore.repro import common  # looked up at call time: tests replace run_method
 
     results_dir = Path(results_dir)
-    runs: list[tuple[str, str, Path | None]] = []
+    columns: list[tuple[str, str, Path | None]] = []
     cracks = crack_root()
     if cracks is not None and ((cracks / "crack500").is_dir() or (cracks / "cfd").is_dir()):
-        runs.append(("cracks", "crack500" if (cracks / "crack500").is_dir() else "cfd", None))
+        columns.append(("cracks", "crack500" if (cracks / "crack500").is_dir() else "cfd", None))
     else:
         print("skip: no crack data (../shared/data or $ADCORE_CRACKS)")
     mvtec = Path(root) if root is not None else data_root() / "mvtec_anomaly_detection"
     if (mvtec / "tile").is_dir() and (mvtec / MVTEC_SOURCE_CATEGORY).is_dir():
-        runs.append(("mvtec", "tile", mvtec))
+        columns.append(("mvtec", "tile", mvtec))
     else:
         print(f"skip: MVTec AD tile and wood not found under {mvtec}")
     for name in ("RDG", "Lingo"):
         print(f"skip: {name} is private (the paper's own bridge data)")
-    written = []
-    for dataset, target, data in runs:
+    runs = []
+    for dataset, target, data in columns:
         for seed in seeds:
             for loss in LOSSES:
-                out = results_dir / result_name(dataset, target, loss, fast, seed=seed,
-                                                epochs=epochs)
-                if out.exists():  # a measured result is never replaced without being asked
-                    print(f"keep: {out} exists (delete it to measure again)")
+                name = result_name(dataset, target, loss, fast, seed=seed, epochs=epochs)
+                if (results_dir / name).exists():  # never replaced without being asked
+                    print(f"keep: {results_dir / name} exists (delete it to measure again)")
                     continue
-                args = ReproArgs(method="cflow", dataset=dataset, out=out, root=data,
-                                 category=target, device=device, loss=loss, fast=fast,
-                                 seed=seed, epochs=epochs)
-                written.append(common.run_method(args))
-                print(f"wrote {out}")
-    return written
+                runs.append(table_run(results_dir, name, "cflow", dataset, category=target,
+                                      root=data, device=device, fast=fast, seed=seed,
+                                      loss=loss, epochs=epochs))
+    return runs
+
+
+def run_table1(results_dir: str | Path, root: str | Path | None = None,
+               device: str | None = None, fast: bool = False,
+               seeds: tuple[int, ...] = (0, 1, 2), epochs: int | None = None, *,
+               jobs: int = 1, log_dir: str | Path | None = None) -> list[Path]:
+    """Run :func:`table1_runs`, ``jobs`` at once (:func:`adcore.repro.tables.run_table_runs`).
+
+    Returns:
+        The files written.
+    """
+    return run_table_runs(table1_runs(results_dir, root, device, fast, seeds, epochs),
+                          jobs=jobs, log_dir=log_dir)

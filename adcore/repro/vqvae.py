@@ -42,10 +42,11 @@ from adcore.repro.common import (
     mean_image_metrics,
     resolve_device,
     run_identity,
-    run_method,
 )
 from adcore.repro.presets import VQVAE_CPU, VQVAE_DATASETS, VQVAE_FAST, VQVAE_STANDARD
+from adcore.repro.tables import run_table_runs, table_run
 from adcore.runtime import fast_mode, seed_everything
+from adcore.sweep import Run
 from adcore.train.loop import progress
 from adcore.train.vqvae import (
     VQVAETrainConfig,
@@ -69,6 +70,7 @@ __all__ = [
     "results_table",
     "run",
     "run_tables",
+    "table_runs",
 ]
 
 #: the data sets of this runner (:mod:`adcore.repro.presets` holds them with their settings)
@@ -330,15 +332,15 @@ def result_name(dataset: str, category: str | None, seed: int = 0) -> str:
     return f"vqvae_{dataset}" + (f"_{category}" if category else "") + f"_s{seed}.json"
 
 
-def run_tables(results_dir: Path, root: Path | None, device: str | None,
-               fast: bool, seeds: tuple[int, ...] = (0, 1, 2),
-               datasets: tuple[str, ...] | None = None) -> list[Path]:
-    """Run Tables 1–3 of the paper (and the synthetic categories) for the data that is present.
+def table_runs(results_dir: Path, root: Path | None, device: str | None, fast: bool,
+               seeds: tuple[int, ...] = (0, 1, 2),
+               datasets: tuple[str, ...] | None = None) -> list[Run]:
+    """The runs of Tables 1–3 (and the synthetic categories) still to do, for the data present.
 
     Each cell and seed is one ``repro`` run writing
-    ``results_dir/vqvae_<dataset>[_<category>]_s<seed>.json``. Absent data sets are skipped
-    with a message; existing result files are kept (delete one to run it again), so a second
-    call runs exactly the missing cells.
+    ``results_dir/vqvae_<dataset>[_<category>]_s<seed>.json`` (:func:`result_name`). Absent
+    data sets are skipped with a message; existing result files are kept (delete one to run
+    it again), so the plan holds exactly the missing cells.
 
     Args:
         results_dir: where result files go (``adcore.repro.results_dir()``).
@@ -349,7 +351,10 @@ def run_tables(results_dir: Path, root: Path | None, device: str | None,
         datasets: only these data sets (default: all of :data:`DATASETS`).
 
     Returns:
-        The result files written.
+        The runs (:class:`adcore.sweep.Run`), in table order.
+
+    Raises:
+        ValueError: an unknown data set.
     """
     from adcore.data.root import data_root
 
@@ -368,14 +373,26 @@ def run_tables(results_dir: Path, root: Path | None, device: str | None,
             elif (Path(results_dir) / name).exists():
                 print(f"keep {Path(results_dir) / name} (exists; delete it to run again)")
             else:
-                planned.append((dataset, category, data_dir, seed, name))
-    written = []
-    for index, (dataset, category, data_dir, seed, name) in enumerate(planned, 1):
-        print(f"run {index}/{len(planned)}: {name}", flush=True)
-        args = ReproArgs(method="vqvae", dataset=dataset, out=Path(results_dir) / name,
-                         root=data_dir, category=category, device=device, fast=fast, seed=seed)
-        written.append(run_method(args))
-    return written
+                planned.append(table_run(results_dir, name, "vqvae", dataset, category=category,
+                                         root=data_dir, device=device, fast=fast, seed=seed))
+    return planned
+
+
+def run_tables(results_dir: Path, root: Path | None, device: str | None,
+               fast: bool, seeds: tuple[int, ...] = (0, 1, 2),
+               datasets: tuple[str, ...] | None = None, *, jobs: int = 1,
+               log_dir: Path | None = None) -> list[Path]:
+    """Run Tables 1–3 of the paper (and the synthetic categories) for the data that is present.
+
+    The runs of :func:`table_runs`, ``jobs`` at once through the sweep's local executor
+    (:func:`adcore.repro.tables.run_table_runs`; logs in ``log_dir``). A second call runs
+    exactly the missing cells; an interrupted run resumes.
+
+    Returns:
+        The result files written.
+    """
+    return run_table_runs(table_runs(results_dir, root, device, fast, seeds, datasets),
+                          jobs=jobs, log_dir=log_dir)
 
 
 # --------------------------------------------------------------------------- the paper's tables
