@@ -151,3 +151,29 @@ def test_table1_runs_name_every_loss_and_keep_the_file_names(tmp_path, monkeypat
         result_name("cracks", "cfd", loss, False, seed=2, epochs=16) for loss in LOSSES]
     assert runs[1].argv == ("cflow", "--dataset", "cracks", "--category", "cfd", "--seed", "2",
                             "--loss", "boundary", "--epochs", "16")
+
+
+@pytest.mark.parametrize("loss", ["none", "cl"])
+def test_the_runner_trains_through_chapter_8s_function(tmp_path, monkeypatch, loss) -> None:
+    """What the chapter trains (train_contrastive) is what the table measures."""
+    import adcore.repro.contrastive as repro_contrastive
+
+    calls = []
+    real = repro_contrastive.train_contrastive
+
+    def recording(model, dataset, kind, **options):
+        calls.append((kind, options))
+        return real(model, dataset, kind, **options)
+
+    monkeypatch.setattr(repro_contrastive, "train_contrastive", recording)
+    out = tmp_path / f"{loss}.json"
+    run_method(ReproArgs(method="cflow", dataset="synthetic", out=out, fast=True, device="cpu",
+                         loss=loss, preset=TINY))
+    [(kind, options)] = calls
+    assert kind == loss and options["checkpoint"] == tmp_path / f"{loss}.json.ckpt"
+    result = json.loads(out.read_text())
+    if loss == "cl":
+        assert options["sources"] and options["start_epoch"] == 1
+        assert result["config"]["contrastive_setup"]["contrastive"]["kind"] == "cl"
+    else:
+        assert options["sources"] is None and "contrastive_setup" not in result["config"]

@@ -10,13 +10,18 @@ and 90 test images, as in the VQ-VAE runs. ``--fast`` is the CI-sized run:
 128x128 (so fiber batches of 128: Lite0's coarsest stage then has 4x4 positions per image),
 4 epochs, 40 training and 30 test images of the synthetic set.
 
-The main metrics use the training-set normalisation and the product; ``variants`` holds the
+The main metrics are scored as the model's configuration says (by default the training-set
+normalisation and the product: ``CFlowConfig.combine`` and ``normalization``); ``variants`` holds the
 same trained model scored CFlow-AD's ways (sum of stages, test-set maximum, both) and the
 baseline of every table, ``mean_image`` (:func:`adcore.repro.common.mean_image_metrics`).
 
 ``--loss`` other than ``none`` and ``--dataset cracks`` are the contrastive runs of the paper's
-Table 1: their data, synthetic anomalies and objective come from
-:func:`adcore.repro.contrastive.prepare`, the training and evaluation from here.
+Table 1: their data, synthetic anomalies and objective are planned by
+:func:`adcore.repro.contrastive.prepare` (a :class:`~adcore.repro.contrastive.CFlowPlan`, as
+is the plan of a plain run). Every run trains through
+:func:`adcore.train.contrastive.train_contrastive`, the function chapter 8 trains with, and
+is evaluated here. The sizes come from :data:`adcore.repro.presets.CFLOW_STANDARD` or
+``CFLOW_FAST`` (``ReproArgs(preset=...)`` replaces them).
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from adcore.repro.common import (
     resolve_device,
     run_identity,
 )
-from adcore.repro.contrastive import prepare, table1_runs
+from adcore.repro.contrastive import CFlowPlan, prepare, table1_runs
 from adcore.repro.presets import (
     CFLOW_DATASETS,
     CFLOW_FAST,
@@ -53,7 +58,7 @@ from adcore.repro.presets import (
 from adcore.repro.tables import run_table_runs, table_run
 from adcore.runtime import fast_mode, seed_everything
 from adcore.sweep import Run
-from adcore.train.cflow import CFlowTrainConfig, evaluate_images, train_cflow
+from adcore.train.cflow import CFlowTrainConfig, evaluate_images
 
 __all__ = ["VARIANTS", "preset_of", "run", "run_tables", "score_variants", "table_runs"]
 
@@ -106,6 +111,20 @@ def score_variants(log_p: list[torch.Tensor], channels: list[int], image_size: i
     return metrics_of(*main), {name: metrics_of(*v) for name, v in VARIANTS.items()}
 
 
+def _plain_plan(args: ReproArgs, preset: CFlowPreset, image_size: int, backbone: str,
+                why: str) -> CFlowPlan:
+    """The plan of an L_None run on MVTec-layout data (``synthetic``, ``mvtec``): the preset's
+    sizes, the training defaults of :class:`~adcore.train.cflow.CFlowTrainConfig`."""
+    train_ds, test_ds = load_datasets(args, image_size, n_train=preset.n_train,
+                                      n_test=preset.n_test)
+    train_config = CFlowTrainConfig(
+        epochs=args.epochs or preset.epochs, batch_size=min(preset.batch_size, len(train_ds)),
+        fiber_batch=preset.fiber_batch, seed=args.seed, stage_threads=args.stage_threads,
+        **({} if args.flow_loss is None else {"flow_loss": args.flow_loss}))
+    return CFlowPlan(train=train_ds, test=test_ds, image_size=image_size, backbone=backbone,
+                     backbone_choice=why, train_config=train_config, seed=args.seed)
+
+
 def run(args: ReproArgs) -> dict[str, Any]:
     """Train and evaluate CFlow-AD as ``args`` says; returns the runner's result dict.
 
@@ -118,14 +137,10 @@ def run(args: ReproArgs) -> dict[str, Any]:
     preset = preset_of(args)
     device = resolve_device(args)
     seed_everything(args.seed)
-    contrastive_setup = None
+    plan: CFlowPlan | None = None
     if args.loss != "none" or args.dataset == "cracks":
-        contrastive_setup = prepare(args)
-        image_size = contrastive_setup["image_size"]
-        backbone, why = contrastive_setup["backbone"], contrastive_setup["config"].get(
-            "backbone_choice", "")
-        train_ds, test_ds = contrastive_setup["train"], contrastive_setup["test"]
-        train_config = contrastive_setup["train_config"]
+        plan = prepare(args)
+        image_size, backbone, why = plan.image_size, plan.backbone, plan.backbone_choice
     else:
         if args.dataset not in CFLOW_DATASETS:  # cracks has gone the contrastive way above
             *others, last = CFLOW_DATASETS
@@ -136,27 +151,16 @@ def run(args: ReproArgs) -> dict[str, Any]:
     model_config = CFlowConfig(backbone=backbone, image_size=image_size)
     model = CFlowModel(model_config, generator=torch.Generator().manual_seed(args.seed))
     model.to(device)
-    if contrastive_setup is None:
-        train_ds, test_ds = load_datasets(args, image_size, n_train=preset.n_train,
-                                          n_test=preset.n_test)
-        train_config = CFlowTrainConfig(
-            epochs=args.epochs or preset.epochs, batch_size=min(preset.batch_size, len(train_ds)),
-            fiber_batch=preset.fiber_batch, seed=args.seed,
-            stage_threads=args.stage_threads,
-            **({} if args.flow_loss is None else {"flow_loss": args.flow_loss}))
+    if plan is None:
+        plan = _plain_plan(args, preset, image_size, backbone, why)
+    train_ds, test_ds, train_config = plan.train, plan.test, plan.train_config
 
-    kwargs: dict[str, Any] = {}
-    if contrastive_setup is not None and contrastive_setup["contrastive"] is not None:
-        kwargs = {"augment": contrastive_setup["augment"],
-                  "contrastive": contrastive_setup["contrastive"],
-                  "contrastive_start_epoch": contrastive_setup["contrastive_start_epoch"],
-                  "mask_rule": contrastive_setup["mask_rule"]}
     # The checkpoint belongs to this run only: beside --out, keyed by everything that changes
     # the result (train_cflow adds the model, schedule and objective); written every epoch.
     identity = run_identity(args, device, category=getattr(test_ds, "category", args.category),
-                            n_train=len(train_ds), setup=(contrastive_setup or {}).get("config"))
-    history = train_cflow(model, train_ds, train_config, checkpoint=checkpoint_file(args.out),
-                          identity=identity, **kwargs)
+                            n_train=len(train_ds), setup=plan.config)
+    # Chapter 8's function (adcore.train.contrastive.train_contrastive), for every loss.
+    history = plan.train_model(model, checkpoint=checkpoint_file(args.out), identity=identity)
 
     start = time.perf_counter()
     results = evaluate_images(model, test_ds, batch_size=train_config.batch_size)
@@ -189,8 +193,8 @@ def run(args: ReproArgs) -> dict[str, Any]:
                      "test_images_per_second": round(results["images_per_second"], 2),
                      "normalization": history["normalization"]},
     }
-    if contrastive_setup is not None:
-        config["contrastive_setup"] = contrastive_setup["config"]
+    if plan.config is not None:
+        config["contrastive_setup"] = plan.config
     return {"metrics": metrics, "config": config, "train_seconds": history["seconds"],
             "eval_seconds": eval_seconds, "device": str(device), "variants": variants,
             "resumed_from_epoch": history["resumed_from_epoch"]}

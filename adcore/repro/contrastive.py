@@ -29,11 +29,12 @@ Chapter 9 (``book/09_cflow_table``) shows the result files next to the paper's t
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from adcore.cflow import CFlowModel
 from adcore.losses import CONTRASTIVE_KINDS
 from adcore.repro.common import ReproArgs, load_datasets, read_result, seed_stats
 from adcore.repro.presets import (
@@ -47,15 +48,18 @@ from adcore.repro.presets import (
 from adcore.repro.tables import run_table_runs, table_run
 from adcore.runtime import fast_mode
 from adcore.sweep import Run
+from adcore.train.cflow import CFlowTrainConfig
 from adcore.train.contrastive import (
     PAPER_EPOCHS,
-    SyntheticAnomalyAugment,
+    ContrastiveObjective,
     make_contrastive,
     paper_train_config,
     scaled_schedule,
+    train_contrastive,
 )
 
 __all__ = [
+    "CFlowPlan",
     "DATASETS",
     "LOSSES",
     "MVTEC_SOURCE_CATEGORY",
@@ -204,9 +208,72 @@ def _synthetic_data(args: ReproArgs, size: int, data: dict[str, Any],
     return train, test, sources, info
 
 
+@dataclass(frozen=True)
+class CFlowPlan:
+    """Everything a CFlow-AD run needs besides the model and the evaluation.
+
+    Built by :func:`prepare` (the contrastive runs and the crack data) or by the CFlow-AD
+    runner (:func:`adcore.repro.cflow.run`, L_None on MVTec-layout data); trained by
+    :meth:`train_model`, which is :func:`adcore.train.contrastive.train_contrastive`, the
+    function chapter 8 trains with, so the chapter and the table train the same way.
+
+    Attributes:
+        train, test: the datasets (items ``image``, ``mask``, ``label``, ...).
+        image_size, backbone, backbone_choice: what the model is built with, and why that
+            backbone (:func:`adcore.repro.presets.choose_backbone`).
+        train_config: the :class:`~adcore.train.cflow.CFlowTrainConfig` of the run.
+        loss: ``"none"`` (L_NF alone) or a contrastive kind.
+        seed: seeds the synthetic anomalies.
+        sources: the defect sources of the synthetic anomalies (empty for ``"none"``).
+        synthesizer_options: options of :class:`~adcore.synth.AnomalySynthesizer`.
+        objective_options: options of the objective (``fusion``) besides its kind and the
+            flow loss.
+        objective: the :class:`~adcore.train.contrastive.ContrastiveObjective` these settings
+            make (None for ``"none"``), as the result file records it.
+        start_epoch: the epoch the contrastive term starts at (0 for ``"none"``).
+        mask_rule: how the defect masks reach the feature stages
+            (:func:`adcore.losses.feature_masks`).
+        config: plain JSON entries for the result file (``config.contrastive_setup``), or
+            None for a plain L_None run on MVTec-layout data.
+    """
+
+    train: Any
+    test: Any
+    image_size: int
+    backbone: str
+    backbone_choice: str
+    train_config: CFlowTrainConfig
+    loss: str = "none"
+    seed: int = 0
+    sources: tuple[Any, ...] = ()
+    synthesizer_options: Mapping[str, Any] = field(default_factory=dict)
+    objective_options: Mapping[str, Any] = field(default_factory=dict)
+    objective: ContrastiveObjective | None = None
+    start_epoch: int = 0
+    mask_rule: str = "binary"
+    config: dict[str, Any] | None = None
+
+    def train_model(self, model: CFlowModel, **train_options: Any) -> dict:
+        """Train ``model`` on :attr:`train` with :func:`~adcore.train.contrastive.train_contrastive`.
+
+        Args:
+            model: the CFlow-AD model (on its device).
+            **train_options: passed on to :func:`~adcore.train.cflow.train_cflow`
+                (``checkpoint``, ``identity``, ``show_progress`` ...).
+
+        Returns:
+            The training history.
+        """
+        return train_contrastive(
+            model, self.train, self.loss, sources=self.sources or None, config=self.train_config,
+            start_epoch=self.start_epoch, seed=self.seed, mask_rule=self.mask_rule,
+            objective_options=dict(self.objective_options),
+            synthesizer_options=dict(self.synthesizer_options), **train_options)
+
+
 def prepare(args: ReproArgs, *, image_size: int | None = None,
-            datasets: tuple[Any, Any] | None = None) -> dict[str, Any]:
-    """Everything a contrastive CFlow-AD run needs besides the model and the evaluation.
+            datasets: tuple[Any, Any] | None = None) -> CFlowPlan:
+    """The plan of a contrastive CFlow-AD run (or of any run on the crack data).
 
     Args:
         args: the runner's arguments (``--dataset``, ``--loss``, ``--category``, ``--root``,
@@ -218,20 +285,9 @@ def prepare(args: ReproArgs, *, image_size: int | None = None,
             protocol is always built here.
 
     Returns:
-        A dict with
-
-        - ``train``, ``test``: the datasets (items ``image``, ``mask``, ``label``, ...);
-        - ``augment``: a :class:`~adcore.train.contrastive.SyntheticAnomalyAugment`, or None
-          for ``--loss none``;
-        - ``contrastive``: the :class:`~adcore.train.contrastive.ContrastiveObjective`, or
-          None for ``--loss none``;
-        - ``contrastive_start_epoch``: the epoch the terms start at;
-        - ``mask_rule``: how the defect masks reach the feature stages
-          (:func:`adcore.losses.feature_masks`);
-        - ``image_size``, ``backbone``: what the model must be built with;
-        - ``train_config``: the :class:`~adcore.train.cflow.CFlowTrainConfig` of the run
-          (the paper's schedule, ``--epochs``, ``--seed``);
-        - ``config``: plain JSON entries for the result file's configuration.
+        The :class:`CFlowPlan`: the datasets of the data set's kind (one function each:
+        cracks, MVTec AD, synthetic), its defect sources, the paper's schedule scaled to the
+        run's epochs, the objective and the result file's ``contrastive_setup``.
 
     Raises:
         ValueError: an unknown data set, loss or category, too few epochs.
@@ -254,23 +310,25 @@ def prepare(args: ReproArgs, *, image_size: int | None = None,
                                       fiber_batch=settings["fiber_batch"], seed=args.seed,
                                       milestones=settings["milestones"],
                                       stage_threads=args.stage_threads, **flow_loss)
-    contrastive = make_contrastive(args.loss, flow_loss=train_config.flow_loss,
-                                   fusion=args.fusion)
+    objective_options = {"fusion": args.fusion}
+    # the objective train_contrastive will build from the same settings, for the record
+    objective = make_contrastive(args.loss, flow_loss=train_config.flow_loss,
+                                 **objective_options)
     augmentation: dict[str, Any] | None = None
-    augment = None
-    if contrastive is not None:
+    defects: tuple[Any, ...] = ()
+    options: dict[str, Any] = {}
+    if objective is not None:
         options = {"window": size // 2, "scale": (0.75, 1.25), "rotation": 180.0, "flip": 0.5,
                    "blend": "poisson", "guidance": "source"}
-        defects = sources()
-        augment = SyntheticAnomalyAugment.from_sources(defects, seed=args.seed, **options)
+        defects = tuple(sources())
         augmentation = {**options, "scale": list(options["scale"]), "n_sources": len(defects),
                         "per_image": 1}
-    start = settings["start_epoch"] if contrastive is not None else 0
+    start = settings["start_epoch"] if objective is not None else 0
     config = {
         "loss": args.loss,
         "flow_loss": train_config.flow_loss,
         "masks": args.mask_rule,
-        "contrastive": contrastive.to_dict() if contrastive is not None else None,
+        "contrastive": objective.to_dict() if objective is not None else None,
         "contrastive_start_epoch": start,
         "milestones": list(settings["milestones"]),
         "augmentation": augmentation,
@@ -279,9 +337,11 @@ def prepare(args: ReproArgs, *, image_size: int | None = None,
         "backbone_choice": why,
         "fast": settings["fast"],
     }
-    return {"train": train, "test": test, "augment": augment, "contrastive": contrastive,
-            "contrastive_start_epoch": start, "mask_rule": args.mask_rule, "image_size": size,
-            "backbone": backbone, "train_config": train_config, "config": config}
+    return CFlowPlan(train=train, test=test, image_size=size, backbone=backbone,
+                     backbone_choice=why, train_config=train_config, loss=args.loss,
+                     seed=args.seed, sources=defects, synthesizer_options=options,
+                     objective_options=objective_options, objective=objective,
+                     start_epoch=start, mask_rule=args.mask_rule, config=config)
 
 
 # --------------------------------------------------------------------------- Table 1
