@@ -18,7 +18,7 @@ from adcore.cflow import CFlowConfig, CFlowModel
 from adcore.data import make_synthetic_dataset
 from adcore.data.cracks import crack_root
 from adcore.losses import LEFT_OUT, contrastive_term
-from adcore.repro.common import ReproArgs
+from adcore.repro.common import CFlowArgs
 from adcore.repro.contrastive import (
     PAPER_TABLE1,
     PRIVATE_COLUMNS,
@@ -316,11 +316,10 @@ def test_train_contrastive_with_sources_starts_at_the_given_epoch(tiny_model_fac
 
 
 # --------------------------------------------------------------------------- prepare(args)
-def _args(tmp_path: Path, **kw) -> ReproArgs:
-    settings = {"method": "cflow", "dataset": "cracks", "out": tmp_path / "r.json",
-                "loss": "boundary", "fast": True}
+def _args(tmp_path: Path, **kw) -> CFlowArgs:
+    settings = {"dataset": "cracks", "out": tmp_path / "r.json", "loss": "boundary", "fast": True}
     settings.update(kw)
-    return ReproArgs(**settings)
+    return CFlowArgs(**settings)
 
 
 def _write_crack_set(folder: Path, n: int, size: int = 36, every: int = 2,

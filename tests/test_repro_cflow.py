@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import adcore.repro.cflow as repro_cflow
-from adcore.repro.common import METRIC_KEYS, ReproArgs, run_method
+from adcore.repro.common import METRIC_KEYS, CFlowArgs, ReproArgs, run_method
 from adcore.repro.presets import CFLOW_FAST, CFlowPreset, choose_backbone
 
 #: the tiny run of these tests: the runner's documented override of its --fast preset
@@ -60,14 +60,14 @@ def test_stage_threads_change_nothing_but_the_speed(tmp_path) -> None:
 
 def test_runner_rejects_other_datasets(tmp_path) -> None:
     with pytest.raises(ValueError, match="cflow runs on cracks, mvtec or synthetic"):
-        repro_cflow.run(ReproArgs(method="cflow", dataset="ucsd-ped1", out=tmp_path / "x.json",
-                                  fast=True, device="cpu", preset=TINY))
+        repro_cflow.run(CFlowArgs(dataset="ucsd-ped1", out=tmp_path / "x.json", fast=True,
+                                  device="cpu", preset=TINY))
 
 
 def test_runner_rejects_an_image_size_lite0_cannot_pool(tmp_path) -> None:
     with pytest.raises(ValueError, match="multiple of 32"):
-        repro_cflow.run(ReproArgs(method="cflow", dataset="synthetic", out=tmp_path / "x.json",
-                                  fast=True, device="cpu", image_size=80, preset=TINY))
+        repro_cflow.run(CFlowArgs(dataset="synthetic", out=tmp_path / "x.json", fast=True,
+                                  device="cpu", image_size=80, preset=TINY))
 
 
 def test_requested_backbone_is_used_as_is() -> None:
@@ -82,10 +82,10 @@ def test_presets_are_frozen_and_checked() -> None:
         CFLOW_FAST.epochs = 1  # type: ignore[misc]
     with pytest.raises(ValueError, match="CFlowPreset.epochs=0"):
         replace(CFLOW_FAST, epochs=0)
-    assert repro_cflow.preset_of(ReproArgs(method="cflow", dataset="synthetic", out="x.json",
-                                            fast=True, preset=TINY)) is TINY
-    assert repro_cflow.preset_of(ReproArgs(method="cflow", dataset="synthetic", out="x.json",
-                                            fast=True)) is CFLOW_FAST
+    assert repro_cflow.preset_of(CFlowArgs(dataset="synthetic", out="x.json", fast=True,
+                                           preset=TINY)) is TINY
+    assert repro_cflow.preset_of(CFlowArgs(dataset="synthetic", out="x.json",
+                                           fast=True)) is CFLOW_FAST
     assert isinstance(TINY, CFlowPreset)
 
 

@@ -12,12 +12,11 @@ import torch
 
 from adcore.__main__ import main
 from adcore.repro import vqvae as runner
-from adcore.repro.common import METRIC_KEYS, ReproArgs, run_method
+from adcore.repro.common import METRIC_KEYS, VQVAEArgs, run_method
 
 
-def _args(tmp_path: Path, **kw) -> ReproArgs:
-    return ReproArgs(**{"method": "vqvae", "dataset": "synthetic", "out": tmp_path / "r.json",
-                        **kw})
+def _args(tmp_path: Path, **kw) -> VQVAEArgs:
+    return VQVAEArgs(**{"dataset": "synthetic", "out": tmp_path / "r.json", **kw})
 
 
 def test_mvtec_defaults_are_the_papers(tmp_path, monkeypatch):

@@ -39,7 +39,7 @@ from adcore.cflow import (
     anomaly_maps_from_log_likelihoods,
 )
 from adcore.repro.common import (
-    ReproArgs,
+    CFlowArgs,
     checkpoint_file,
     evaluate,
     load_datasets,
@@ -70,7 +70,7 @@ VARIANTS: dict[str, tuple[str, str]] = {
 }
 
 
-def preset_of(args: ReproArgs) -> CFlowPreset:
+def preset_of(args: CFlowArgs) -> CFlowPreset:
     """The sizes of a run: ``args.preset`` if given, else the ``--fast`` or the paper's preset."""
     if args.preset is not None:
         return args.preset
@@ -111,7 +111,7 @@ def score_variants(log_p: list[torch.Tensor], channels: list[int], image_size: i
     return metrics_of(*main), {name: metrics_of(*v) for name, v in VARIANTS.items()}
 
 
-def _plain_plan(args: ReproArgs, preset: CFlowPreset, image_size: int, backbone: str,
+def _plain_plan(args: CFlowArgs, preset: CFlowPreset, image_size: int, backbone: str,
                 why: str) -> CFlowPlan:
     """The plan of an L_None run on MVTec-layout data (``synthetic``, ``mvtec``): the preset's
     sizes, the training defaults of :class:`~adcore.train.cflow.CFlowTrainConfig`."""
@@ -125,7 +125,7 @@ def _plain_plan(args: ReproArgs, preset: CFlowPreset, image_size: int, backbone:
                      backbone_choice=why, train_config=train_config, seed=args.seed)
 
 
-def run(args: ReproArgs) -> dict[str, Any]:
+def run(args: CFlowArgs) -> dict[str, Any]:
     """Train and evaluate CFlow-AD as ``args`` says; returns the runner's result dict.
 
     Raises:

@@ -36,7 +36,7 @@ from typing import Any
 
 from adcore.cflow import CFlowModel
 from adcore.losses import CONTRASTIVE_KINDS
-from adcore.repro.common import ReproArgs, load_datasets, read_result, seed_stats
+from adcore.repro.common import CFlowArgs, load_datasets, read_result, seed_stats
 from adcore.repro.presets import (
     CFLOW_FAST,
     CFLOW_STANDARD,
@@ -91,7 +91,7 @@ CRACK_SOURCE = "deepcrack"
 _CRACK_SOURCE_SCALE_PER_PIXEL = 1.0 / 400.0
 
 
-def resolve_settings(args: ReproArgs, image_size: int | None = None) -> dict[str, Any]:
+def resolve_settings(args: CFlowArgs, image_size: int | None = None) -> dict[str, Any]:
     """Every setting of a contrastive run: the paper's (or ``--fast``'s), then the CLI's.
 
     Args:
@@ -134,7 +134,7 @@ def resolve_settings(args: ReproArgs, image_size: int | None = None) -> dict[str
             "milestones": schedule["milestones"], "data": data, "fast": fast}
 
 
-def _crack_data(args: ReproArgs, size: int, data: dict[str, Any]) -> tuple[Any, Any, Callable[[], list], dict]:
+def _crack_data(args: CFlowArgs, size: int, data: dict[str, Any]) -> tuple[Any, Any, Callable[[], list], dict]:
     from adcore.data.cracks import CRACK_SPLITS, crack_datasets, crack_root
     from adcore.synth import crack_sources
 
@@ -169,7 +169,7 @@ def _crack_data(args: ReproArgs, size: int, data: dict[str, Any]) -> tuple[Any, 
     return train, test, sources, info
 
 
-def _mvtec_data(args: ReproArgs, size: int, data: dict[str, Any],
+def _mvtec_data(args: CFlowArgs, size: int, data: dict[str, Any],
                 datasets: tuple[Any, Any] | None) -> tuple[Any, Any, Callable[[], list], dict]:
     from adcore.data import MVTecAD, data_root
     from adcore.synth import sources_from_dataset
@@ -190,7 +190,7 @@ def _mvtec_data(args: ReproArgs, size: int, data: dict[str, Any],
     return train, test, sources, info
 
 
-def _synthetic_data(args: ReproArgs, size: int, data: dict[str, Any],
+def _synthetic_data(args: CFlowArgs, size: int, data: dict[str, Any],
                     datasets: tuple[Any, Any] | None) -> tuple[Any, Any, Callable[[], list], dict]:
     from adcore.synth import synthetic_sources
 
@@ -271,7 +271,7 @@ class CFlowPlan:
             synthesizer_options=dict(self.synthesizer_options), **train_options)
 
 
-def prepare(args: ReproArgs, *, image_size: int | None = None,
+def prepare(args: CFlowArgs, *, image_size: int | None = None,
             datasets: tuple[Any, Any] | None = None) -> CFlowPlan:
     """The plan of a contrastive CFlow-AD run (or of any run on the crack data).
 

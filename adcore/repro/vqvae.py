@@ -35,7 +35,7 @@ from adcore.data.ucsd import UCSDPed1
 from adcore.maps import MAP_VARIANTS, MapConfig, image_scores, vqvae_anomaly_maps
 from adcore.repro.common import (
     METRIC_KEYS,
-    ReproArgs,
+    VQVAEArgs,
     checkpoint_file,
     evaluate,
     load_datasets,
@@ -81,7 +81,7 @@ MAIN_VARIANT = "ssim+am"
 _DEFAULT_CATEGORY = {"synthetic": "concrete", "mvtec": "tile", "cifar10": "airplane"}
 
 
-def resolve_settings(args: ReproArgs, device: torch.device | None = None) -> dict[str, Any]:
+def resolve_settings(args: VQVAEArgs, device: torch.device | None = None) -> dict[str, Any]:
     """Every setting of a run: the data set's preset (standard, ``--fast`` or CPU), then the CLI's.
 
     The presets are :data:`adcore.repro.presets.VQVAE_STANDARD`, ``VQVAE_FAST`` and
@@ -117,7 +117,7 @@ def resolve_settings(args: ReproArgs, device: torch.device | None = None) -> dic
             "preset": name}
 
 
-def _datasets(args: ReproArgs, settings: dict[str, Any]) -> tuple[Any, Any]:
+def _datasets(args: VQVAEArgs, settings: dict[str, Any]) -> tuple[Any, Any]:
     model: VQVAEConfig = settings["model"]
     if args.dataset in ("synthetic", "mvtec"):
         with_category = replace(args, category=settings["category"])
@@ -134,7 +134,7 @@ def _datasets(args: ReproArgs, settings: dict[str, Any]) -> tuple[Any, Any]:
             CIFAR10OneVsRest(root, settings["category"], "test"))
 
 
-def _checkpoint_path(args: ReproArgs) -> Path:
+def _checkpoint_path(args: VQVAEArgs) -> Path:
     """The run's checkpoint, beside ``--out`` (so two result files never share one)."""
     return checkpoint_file(args.out)
 
@@ -218,11 +218,11 @@ def extremes(scores: torch.Tensor, test_set: Any, count: int = N_EXTREMES) -> di
             "most_anomalous": [describe(int(i)) for i in order.flip(0)[:count]]}
 
 
-def run(args: ReproArgs) -> dict[str, Any]:
+def run(args: VQVAEArgs) -> dict[str, Any]:
     """Train a VQ-VAE and evaluate it (``python -m adcore repro vqvae ...``).
 
     Args:
-        args: the runner's arguments (see :class:`adcore.repro.common.ReproArgs`).
+        args: the runner's arguments (see :class:`adcore.repro.args.VQVAEArgs`).
 
     Returns:
         ``{"metrics", "config", "train_seconds", "eval_seconds", "device", "variants"}``;
