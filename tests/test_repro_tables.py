@@ -146,3 +146,42 @@ def test_one_real_fast_run_then_nothing_to_do(results, capsys) -> None:
     capsys.readouterr()
     assert _tables(results) == 0
     assert "wrote 0 result file(s)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    (["--seeds", "-1"], "--seeds -1: expected integers from 0 to 4294967295"),
+    (["--jobs", "0"], "--jobs 0: expected a positive integer"),
+])
+def test_bad_options_are_refused_before_planning(results, monkeypatch, capsys, flags,
+                                                 expected) -> None:
+    fake = _Processes()
+    monkeypatch.setattr(sweep.subprocess, "Popen", fake)
+    assert _tables(results, *flags) == 2
+    captured = capsys.readouterr()
+    assert expected in captured.err and captured.out == ""  # nothing planned, nothing run
+    assert fake.commands == []
+
+
+def test_contrastive_epochs_below_two_are_refused(results, monkeypatch, capsys) -> None:
+    fake = _Processes()
+    monkeypatch.setattr(sweep.subprocess, "Popen", fake)
+    assert main(["tables", "cflow", "--fast", "--epochs", "1", "--results-dir", str(results),
+                 "--log-dir", str(results.parent / "logs")]) == 2
+    assert "--epochs 1: expected an integer >= 2" in capsys.readouterr().err
+    assert fake.commands == []
+
+
+@pytest.mark.parametrize("which", ["--results-dir", "--log-dir"])
+def test_a_file_in_place_of_a_folder_is_named(results, monkeypatch, capsys, which) -> None:
+    fake = _Processes()
+    monkeypatch.setattr(sweep.subprocess, "Popen", fake)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    a_file = results.parent / "a_file"
+    a_file.write_text("mine")
+    argv = ["tables", "vqvae", "--fast", "--dataset", "synthetic", "--seeds", "0",
+            "--results-dir", str(results), "--log-dir", str(results.parent / "logs")]
+    argv[argv.index(which) + 1] = str(a_file / "sub" if which == "--log-dir" else a_file)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{which} " in err and "is a file" in err and "expected a folder" in err
+    assert fake.commands == [] and a_file.read_text() == "mine"

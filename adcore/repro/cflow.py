@@ -55,7 +55,7 @@ from adcore.repro.presets import (
     CFlowPreset,
     choose_backbone,
 )
-from adcore.repro.tables import run_table_runs, table_run
+from adcore.repro.tables import check_table_options, run_table_runs, table_run
 from adcore.runtime import fast_mode, seed_everything
 from adcore.sweep import Run
 from adcore.train.cflow import CFlowTrainConfig, evaluate_images
@@ -254,5 +254,8 @@ def run_tables(results_dir: Path, root: Path | None, device: str | None,
     Returns:
         The result files written.
     """
+    # the contrastive runs train L_NF alone first, then the term: at least 2 epochs
+    check_table_options(jobs=jobs, seeds=seeds, results_dir=results_dir, log_dir=log_dir,
+                        epochs=epochs, min_epochs=2)
     return run_table_runs(table_runs(results_dir, root, device, fast, seeds, epochs),
                           jobs=jobs, log_dir=log_dir)

@@ -45,7 +45,7 @@ from adcore.repro.presets import (
     CONTRASTIVE_STANDARD,
     choose_backbone,
 )
-from adcore.repro.tables import run_table_runs, table_run
+from adcore.repro.tables import check_table_options, run_table_runs, table_run
 from adcore.runtime import fast_mode
 from adcore.sweep import Run
 from adcore.train.cflow import CFlowTrainConfig
@@ -578,5 +578,7 @@ def run_table1(results_dir: str | Path, root: str | Path | None = None,
     Returns:
         The files written.
     """
+    check_table_options(jobs=jobs, seeds=seeds, results_dir=results_dir, log_dir=log_dir,
+                        epochs=epochs, min_epochs=2)
     return run_table_runs(table1_runs(results_dir, root, device, fast, seeds, epochs),
                           jobs=jobs, log_dir=log_dir)

@@ -19,7 +19,43 @@ from pathlib import Path
 
 from adcore.sweep import Run, SweepError, run_local
 
-__all__ = ["default_log_dir", "run_table_runs", "table_run"]
+__all__ = ["check_table_options", "default_log_dir", "run_table_runs", "table_run"]
+
+#: the seeds ``repro --seed`` accepts
+_MAX_SEED = 2**32 - 1
+
+
+def _check_folder(flag: str, folder: str | os.PathLike) -> None:
+    """Refuse a folder path that runs into a regular file (the message names the flag)."""
+    folder = Path(folder)
+    for path in (folder, *folder.parents):
+        if path.exists() or path.is_symlink():
+            if not path.is_dir():
+                raise ValueError(f"{flag} {folder}: {path} is a file; expected a folder")
+            return
+
+
+def check_table_options(*, jobs: int, seeds: Sequence[int], results_dir: str | os.PathLike,
+                        log_dir: str | os.PathLike | None = None, epochs: int | None = None,
+                        min_epochs: int = 1) -> None:
+    """Check ``tables``' options before any planning or run, so no run fails for them later.
+
+    Raises:
+        ValueError: ``--jobs`` below 1, a seed out of ``repro``'s range, ``--epochs`` below
+            ``min_epochs``, or a results or log folder that runs into a regular file.
+    """
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise SweepError(f"--jobs {jobs}: expected a positive integer")
+    bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, int)
+           or not 0 <= s <= _MAX_SEED]
+    if bad or not seeds:
+        raise ValueError(f"--seeds {' '.join(map(str, bad))}: expected integers from 0 to "
+                         f"{_MAX_SEED}")
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int)
+                               or epochs < min_epochs):
+        raise ValueError(f"--epochs {epochs}: expected an integer >= {min_epochs}")
+    _check_folder("--results-dir", results_dir)
+    _check_folder("--log-dir", log_dir if log_dir is not None else default_log_dir())
 
 
 def table_run(results_dir: str | os.PathLike, name: str, method: str, dataset: str, *,

@@ -44,7 +44,7 @@ from adcore.repro.common import (
     run_identity,
 )
 from adcore.repro.presets import VQVAE_CPU, VQVAE_DATASETS, VQVAE_FAST, VQVAE_STANDARD
-from adcore.repro.tables import run_table_runs, table_run
+from adcore.repro.tables import check_table_options, run_table_runs, table_run
 from adcore.runtime import fast_mode, seed_everything
 from adcore.sweep import Run
 from adcore.train.loop import progress
@@ -391,6 +391,7 @@ def run_tables(results_dir: Path, root: Path | None, device: str | None,
     Returns:
         The result files written.
     """
+    check_table_options(jobs=jobs, seeds=seeds, results_dir=results_dir, log_dir=log_dir)
     return run_table_runs(table_runs(results_dir, root, device, fast, seeds, datasets),
                           jobs=jobs, log_dir=log_dir)
 
