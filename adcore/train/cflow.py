@@ -405,6 +405,27 @@ def train_cflow(model: CFlowModel, dataset: torch.utils.data.Dataset,
     return history
 
 
+#: identity keys renamed since checkpoints were first written: new -> old
+_RENAMED_IDENTITY_KEYS = {"train.lr_decay": "train.gamma"}
+
+
+def _as_written(checkpoint: str | os.PathLike, identity: dict[str, Any]) -> dict[str, Any]:
+    """``identity`` under the names its checkpoint was written with (older runs say ``gamma``).
+
+    So a run interrupted before a rename resumes; its values are still compared, and the
+    checkpoints it writes from now on carry the current names.
+    """
+    try:
+        written = torch.load(checkpoint, weights_only=True, map_location="cpu").get("config")
+    except Exception:  # an unreadable file is reported by load_checkpoint, with its name
+        return identity
+    if not isinstance(written, dict):
+        return identity
+    renamed = {new: old for new, old in _RENAMED_IDENTITY_KEYS.items()
+               if new in identity and new not in written and old in written}
+    return {renamed.get(key, key): value for key, value in identity.items()}
+
+
 def _resume(checkpoint: str | os.PathLike, model: CFlowModel, trainer: FiberTrainer,
             loader_generator: torch.Generator, augment: object,
             augment_generator: torch.Generator | None, identity: dict[str, Any],
@@ -412,7 +433,8 @@ def _resume(checkpoint: str | os.PathLike, model: CFlowModel, trainer: FiberTrai
     """Restore a run from its checkpoint; returns (next epoch, images seen, seconds so far)."""
     # CPU first: the random states must stay on the CPU; the loads copy onto the device
     state = load_checkpoint(checkpoint, model=model.flows, optimizer=trainer.optimizer,
-                            config=identity, generator=loader_generator, map_location="cpu")
+                            config=_as_written(checkpoint, identity),
+                            generator=loader_generator, map_location="cpu")
     extra, epoch = state["extra"], int(state["epoch"])
     if epoch > config.epochs:
         raise CheckpointError(f"{checkpoint} is at epoch {epoch}, past the requested "
