@@ -19,14 +19,13 @@ from adcore._env import configure_at_startup, configure_threads, threads_setting
 # Threads and OpenMP's wait policy before torch loads (the imports below load it).
 configure_at_startup(sys.argv[1:])
 
-from adcore.losses import FLOW_LOSS_KINDS, MASK_RULES  # noqa: E402
+from adcore.losses import CONTRASTIVE_KINDS, FLOW_LOSS_KINDS, MASK_RULES  # noqa: E402
 from adcore.own.cli import COMMANDS as OWN_COMMANDS  # noqa: E402
 from adcore.own.cli import add_commands, run_command  # noqa: E402
 from adcore.repro.common import DATASETS, METHODS, ReproArgs, results_dir, run_method  # noqa: E402
+from adcore.repro.presets import VQVAE_DATASETS  # noqa: E402
 from adcore.sweep import add_sweep_parser, run_sweep  # noqa: E402
 from adcore.train.contrastive import FUSION_WEIGHTS  # noqa: E402
-
-LOSSES = ("none", "boundary", "cl", "likelihood", "fusion")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -63,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     repro.add_argument("--epochs", type=int, default=None, help="training epochs (paper default)")
     repro.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: automatic)")
     repro.add_argument("--seed", type=int, default=0)
-    repro.add_argument("--loss", default="none", choices=LOSSES,
+    repro.add_argument("--loss", default="none", choices=CONTRASTIVE_KINDS,
                        help="contrastive objective added to the flow loss (cflow only)")
     repro.add_argument("--backbone", default=None, help="feature extractor (cflow only)")
     repro.add_argument("--fast", action="store_true", help="the CI-sized run (tiny and quick)")
@@ -81,7 +80,12 @@ def _parser() -> argparse.ArgumentParser:
     repro.add_argument("--force", action="store_true", help="replace an existing --out file")
     repro.add_argument("--out", type=Path, required=True, help="result file (.json)")
 
-    tables = sub.add_parser("tables", help="run a paper's tables for the data that is present")
+    tables = sub.add_parser("tables", help="run a paper's tables for the data that is present",
+                            description="Run every table cell whose data is present, one "
+                                        "repro process per cell and seed through the sweep's "
+                                        "local executor: existing result files are kept, "
+                                        "interrupted runs resume, absent data is skipped "
+                                        "with a message.")
     tables.add_argument("name", choices=sorted(METHODS))
     tables.add_argument("--results-dir", type=Path, default=None,
                         help="where result files go (default: the package's results folder, "
@@ -95,7 +99,13 @@ def _parser() -> argparse.ArgumentParser:
                         help="cflow: epochs of the contrastive runs (default: the paper's 200; "
                              "shorter runs keep the schedule's fractions)")
     tables.add_argument("--dataset", dest="datasets", nargs="+", default=None,
-                        help="only these data sets (vqvae: synthetic mvtec ucsd-ped1 cifar10)")
+                        help=f"only these data sets (vqvae: {' '.join(VQVAE_DATASETS)})")
+    tables.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="runs at once (default 1), each its own process: on the CPU the "
+                             "cores are shared out (one thread each when N is the core "
+                             "count), on GPUs one GPU each")
+    tables.add_argument("--log-dir", type=Path, default=None,
+                        help="one log per run (default: logs/tables under the data root)")
     add_sweep_parser(sub, repro)
     add_commands(sub)  # fit and score: a reader's own images (adcore.own)
     return parser
@@ -143,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             extra = ({"datasets": tuple(args.datasets) if args.datasets else None}
                      if args.name == "vqvae" else {"epochs": args.epochs})
             written = module.run_tables(args.results_dir, args.root, args.device, args.fast,
-                                        seeds=tuple(args.seeds), **extra)
+                                        seeds=tuple(args.seeds), jobs=args.jobs,
+                                        log_dir=args.log_dir, **extra)
             print(f"wrote {len(written)} result file(s) into {args.results_dir}")
     except KeyboardInterrupt:
         print("interrupted; training checkpoints after every epoch: run the same command again "

@@ -15,7 +15,9 @@ Eq. 4 is applied, as CFlow-AD's code does, to the log-likelihood *per dimension*
 shifted by a normalisation constant m (the largest value seen): ``exp`` of the raw
 log-likelihood of a 320-dimensional density underflows to 0 or overflows. By default m comes
 from the training images (a property of the model, so one image can be scored alone); CFlow-AD's
-normalisation by the maximum over the test set is available (``normalization="test_max"``).
+normalisation by the maximum over the scored images is the other setting
+(``CFlowConfig(normalization="test_max")``), which :meth:`CFlowModel.anomaly_maps` and the
+runner's main metrics follow.
 
 Training lives in :mod:`adcore.train.cflow`; chapter 6 (``book/06_flows``) explains everything.
 """
@@ -60,7 +62,10 @@ class CFlowConfig:
         coupling_blocks: blocks per flow (8).
         clamp: soft-clamp alpha of the couplings (1.9).
         combine: ``"product"`` of the stage scores (the paper) or ``"sum"`` (CFlow-AD).
-        normalization: ``"train"`` (default) or ``"test_max"`` (CFlow-AD's code).
+        normalization: the constant m of Eq. 4's per-dimension log-likelihood: ``"train"``
+            (default: the largest value over the training fibers, so one image can be scored
+            alone) or ``"test_max"`` (CFlow-AD's code: the largest over the images scored
+            together, which must then be the whole test set).
     """
 
     backbone: str = "tf_efficientnet_lite0"
@@ -309,21 +314,25 @@ class CFlowModel(nn.Module):
 
     @torch.no_grad()
     def anomaly_maps(self, images: Tensor, *, how: str | None = None) -> tuple[Tensor, Tensor]:
-        """Score images alone, with the training normalisation constants.
+        """Score images with the configuration's normalisation (``config.normalization``).
 
         Args:
-            images: (B, 3, S, S) in [0, 1].
+            images: (B, 3, S, S) in [0, 1]; with ``"test_max"`` the whole test set (the
+                constants are the maxima over these images).
             how: ``"product"`` or ``"sum"`` (default: the configuration's).
 
         Returns:
             maps (B, S, S) and image scores (B,).
 
         Raises:
-            ValueError: the normalisation has not been fitted (see :meth:`fit_normalization`).
+            ValueError: ``"train"`` normalisation before :meth:`fit_normalization`.
         """
-        if not bool(torch.isfinite(self.normalization).all()):
-            raise ValueError("the model has no normalisation constants yet: call "
-                             "fit_normalization(training batches) after training")
+        reference = None
+        if self.config.normalization == "train":
+            if not bool(torch.isfinite(self.normalization).all()):
+                raise ValueError("the model has no normalisation constants yet: call "
+                                 "fit_normalization(training batches) after training")
+            reference = self.normalization
         return anomaly_maps_from_log_likelihoods(
             self.log_likelihood_maps(images), self.channels, self.config.image_size,
-            reference=self.normalization, how=how or self.config.combine)
+            reference=reference, how=how or self.config.combine)

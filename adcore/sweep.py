@@ -51,7 +51,7 @@ from typing import Any
 import tomllib
 
 __all__ = ["EXECUTORS", "Run", "SweepError", "add_sweep_parser", "load_manifest",
-           "plan_runs", "run_sweep"]
+           "plan_runs", "run_local", "run_sweep"]
 
 EXECUTORS = ("local", "slurm")
 
@@ -247,7 +247,17 @@ def _child_environment() -> dict[str, str]:
     return env
 
 
-def _run_local(runs: Sequence[Run], out_dir: Path, jobs: int | None,
+def run_local(runs: Sequence[Run], log_dir: Path, jobs: int | None = None,
+              report: Any = print) -> list[tuple[Run, int]]:
+    """Run ``runs`` on this machine as the ``local`` executor does (``tables`` uses it too).
+
+    ``jobs`` at once (default: one per GPU, else one per CPU core, one thread each); each
+    run's output goes to ``log_dir/<name>.log``. Returns the failed runs and exit codes.
+    """
+    return _run_local(runs, Path(log_dir), jobs, report)
+
+
+def _run_local(runs: Sequence[Run], logs: Path, jobs: int | None,
                report: Any) -> list[tuple[Run, int]]:
     """Run ``runs`` as processes, ``jobs`` at once; returns the failed runs and exit codes."""
     gpus = _gpu_count()
@@ -258,7 +268,6 @@ def _run_local(runs: Sequence[Run], out_dir: Path, jobs: int | None,
     threads = max(1, (os.cpu_count() or 1) // slots)  # on the CPU by default: one each
     free_gpus = list(range(gpus)) * max(1, -(-slots // max(gpus, 1)))
     lock = threading.Lock()
-    logs = out_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     failed: list[tuple[Run, int]] = []
     base_env = _child_environment()
@@ -388,7 +397,7 @@ def run_sweep(manifest_path: Path, out_dir: Path, repro: argparse.ArgumentParser
         report(f"submitted {len(todo)} job(s) to slurm ({', '.join(outcome['submitted'])}); "
                "run the same command after they end: finished runs are skipped")
         return outcome
-    failed = _run_local(todo, out_dir, jobs, report)
+    failed = _run_local(todo, out_dir / "logs", jobs, report)
     if failed:
         names = ", ".join(f"{run.name} (exit {code}, see {out_dir / 'logs' / run.name}.log)"
                           for run, code in failed)

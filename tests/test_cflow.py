@@ -126,6 +126,41 @@ def test_model_needs_normalisation_before_scoring_alone() -> None:
     assert maps.shape == (3, SIZE, SIZE) and float(maps.min()) >= 0 and float(maps.max()) <= 1
 
 
+def test_normalization_setting_decides_how_the_model_scores() -> None:
+    """``CFlowConfig.normalization``: training constants, or the maximum over the scored images."""
+    images = torch.rand(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
+    test_max = _model(normalization="test_max")
+    # the test-set maximum needs no training constants
+    maps, scores = test_max.anomaly_maps(images)
+    log_p = test_max.log_likelihood_maps(images)
+    expected, expected_scores = anomaly_maps_from_log_likelihoods(log_p, test_max.channels, SIZE,
+                                                                  reference=None)
+    assert torch.equal(maps, expected) and torch.equal(scores, expected_scores)
+    train = _model(normalization="train")
+    train.fit_normalization([images[:1]])  # constants from one image: the others differ
+    trained_maps, _ = train.anomaly_maps(images)
+    assert not torch.allclose(trained_maps, maps)
+    by_reference, _ = anomaly_maps_from_log_likelihoods(
+        train.log_likelihood_maps(images), train.channels, SIZE, reference=train.normalization)
+    assert torch.equal(trained_maps, by_reference)
+
+
+def test_runner_main_metrics_follow_the_model_configuration() -> None:
+    from adcore.repro.cflow import score_variants
+
+    generator = torch.Generator().manual_seed(4)
+    log_p = [-torch.rand(6, 4, 4, generator=generator) * 50 for _ in range(2)]
+    masks = torch.zeros(6, 8, 8)
+    masks[3:, 2:5, 2:5] = 1
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    reference = torch.tensor([-0.5, -0.4])
+    metrics, variants = score_variants(log_p, [4, 4], 8, reference, masks, labels,
+                                       main=("sum", "test_max"))
+    assert metrics == variants["cflow_ad"]  # the variant of the same scoring
+    with pytest.raises(ValueError, match="normalization"):
+        score_variants(log_p, [4, 4], 8, reference, masks, labels, main=("sum", "test"))
+
+
 def test_stage_log_likelihoods_do_not_depend_on_chunking(features) -> None:
     model = _model()
     whole = model.stage_log_likelihoods(features[0])

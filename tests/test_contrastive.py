@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -17,7 +18,7 @@ from adcore.cflow import CFlowConfig, CFlowModel
 from adcore.data import make_synthetic_dataset
 from adcore.data.cracks import crack_root
 from adcore.losses import LEFT_OUT, contrastive_term
-from adcore.repro.common import ReproArgs
+from adcore.repro.common import CFlowArgs
 from adcore.repro.contrastive import (
     PAPER_TABLE1,
     PRIVATE_COLUMNS,
@@ -315,11 +316,10 @@ def test_train_contrastive_with_sources_starts_at_the_given_epoch(tiny_model_fac
 
 
 # --------------------------------------------------------------------------- prepare(args)
-def _args(tmp_path: Path, **kw) -> ReproArgs:
-    settings = {"method": "cflow", "dataset": "cracks", "out": tmp_path / "r.json",
-                "loss": "boundary", "fast": True}
+def _args(tmp_path: Path, **kw) -> CFlowArgs:
+    settings = {"dataset": "cracks", "out": tmp_path / "r.json", "loss": "boundary", "fast": True}
     settings.update(kw)
-    return ReproArgs(**settings)
+    return CFlowArgs(**settings)
 
 
 def _write_crack_set(folder: Path, n: int, size: int = 36, every: int = 2,
@@ -353,30 +353,34 @@ def crack_root_dir(tmp_path: Path) -> Path:
 def test_prepare_cracks_builds_protocol_sources_and_objective(crack_root_dir: Path,
                                                               tmp_path: Path) -> None:
     prepared = prepare(_args(tmp_path, root=crack_root_dir, image_size=64))
-    assert prepared["image_size"] == 64 and prepared["backbone"] == "tf_efficientnet_lite0"
-    assert prepared["contrastive_start_epoch"] == 1
-    assert isinstance(prepared["contrastive"], ContrastiveObjective)
-    assert prepared["contrastive"].kind == "boundary"
+    assert prepared.image_size == 64 and prepared.backbone == "tf_efficientnet_lite0"
+    assert prepared.start_epoch == 1 and prepared.loss == "boundary"
+    assert isinstance(prepared.objective, ContrastiveObjective)
+    assert prepared.objective.kind == "boundary"
     # fast protocol: 10 training images (5 with a crack in one sub-image), 6 test images
-    data = prepared["config"]["data"]
+    data = prepared.config["data"]
     assert (data["target"], data["source"]) == ("cfd", "deepcrack")
-    assert len(prepared["train"]) == data["train_normal"] == 10 * 9 - 5
-    assert len(prepared["test"]) == 6 * 9 and data["test_anomalous"] == 3
-    item = prepared["train"][0]
+    assert len(prepared.train) == data["train_normal"] == 10 * 9 - 5
+    assert len(prepared.test) == 6 * 9 and data["test_anomalous"] == 3
+    item = prepared.train[0]
     assert item["image"].shape == (3, 64, 64) and item["label"] == 0
-    images = torch.stack([prepared["train"][i]["image"] for i in range(4)])
-    augmented, masks = prepared["augment"](images)
+    images = torch.stack([prepared.train[i]["image"] for i in range(4)])
+    augment = SyntheticAnomalyAugment.from_sources(prepared.sources, seed=prepared.seed,
+                                                   **prepared.synthesizer_options)
+    augmented, masks = augment(images)
     assert augmented.shape == images.shape and masks.shape == (4, 1, 64, 64)
     assert (masks.flatten(1).sum(1) > 0).all()
-    config = prepared["train_config"]
+    config = prepared.train_config
     assert config.epochs == 4 and config.seed == 0 and config.schedule == "step"
-    json.dumps(prepared["config"])  # plain JSON for the result file
+    json.dumps(prepared.config)  # plain JSON for the result file
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        prepared.loss = "cl"  # type: ignore[misc]
 
 
 def test_prepare_none_has_no_augmentation(crack_root_dir: Path, tmp_path: Path) -> None:
     prepared = prepare(_args(tmp_path, root=crack_root_dir, image_size=32, loss="none"))
-    assert prepared["augment"] is None and prepared["contrastive"] is None
-    assert prepared["contrastive_start_epoch"] == 0 and prepared["config"]["augmentation"] is None
+    assert prepared.sources == () and prepared.objective is None
+    assert prepared.start_epoch == 0 and prepared.config["augmentation"] is None
 
 
 def test_prepare_standard_settings_are_the_papers(crack_root_dir: Path, tmp_path: Path) -> None:
@@ -400,10 +404,10 @@ def test_scaled_schedule() -> None:
 
 def test_prepare_synthetic(tmp_path: Path) -> None:
     prepared = prepare(_args(tmp_path, dataset="synthetic", loss="likelihood", image_size=64))
-    assert prepared["config"]["data"]["source"] == "synthetic/concrete"
-    assert prepared["train"][0]["image"].shape == (3, 64, 64)
-    assert prepared["config"]["augmentation"]["n_sources"] == 8
-    assert prepared["contrastive"].max_gap == DEFAULT_MAX_GAP
+    assert prepared.config["data"]["source"] == "synthetic/concrete"
+    assert prepared.train[0]["image"].shape == (3, 64, 64)
+    assert prepared.config["augmentation"]["n_sources"] == 8 == len(prepared.sources)
+    assert prepared.objective.max_gap == DEFAULT_MAX_GAP
 
 
 def test_prepare_bad_inputs(crack_root_dir: Path, tmp_path: Path) -> None:
@@ -429,10 +433,10 @@ def test_prepare_bad_inputs(crack_root_dir: Path, tmp_path: Path) -> None:
                     reason="the shared crack data (../shared/data) is absent")
 def test_prepare_on_the_shared_cracks(tmp_path: Path) -> None:
     prepared = prepare(_args(tmp_path, loss="cl"))
-    counts = prepared["config"]["data"]
+    counts = prepared.config["data"]
     # CrackForest, first 10 images for training, last 6 for testing (fast protocol)
     assert (counts["train_normal"], counts["test_normal"], counts["test_anomalous"]) == (49, 32, 22)
-    assert counts["image_size"] == 128 and prepared["config"]["augmentation"]["n_sources"] == 12
+    assert counts["image_size"] == 128 and prepared.config["augmentation"]["n_sources"] == 12
 
 
 # --------------------------------------------------------------------------- Table 1

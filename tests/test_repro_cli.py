@@ -41,6 +41,9 @@ BAD_FLAGS = [
     ("vqvae", ["--loss", "boundary"], "--loss boundary: the vqvae method has no such setting"),
     ("vqvae", ["--backbone", "resnet18"], "--backbone resnet18: the vqvae method has no such"),
     ("vqvae", ["--stage-threads", "2"], "--stage-threads 2: the vqvae method has no such"),
+    ("vqvae", ["--mask-rule", "area"], "--mask-rule area: the vqvae method has no such setting"),
+    ("vqvae", ["--flow-loss", "nll"], "--flow-loss nll: the vqvae method has no such setting"),
+    ("vqvae", ["--fusion", "literal"], "--fusion literal: the vqvae method has no such setting"),
     ("cflow", ["--stage-threads", "0"], "--stage-threads 0: expected a positive integer"),
 ]
 

@@ -85,3 +85,32 @@ def test_mean_image_map_by_hand() -> None:
         mean_image_map(images, torch.zeros(3, 3, 3))
     with pytest.raises(ValueError, match="score"):
         mean_image_metrics(_items(images), _items(images), score="median")
+
+
+def test_read_result_reads_every_committed_result_file() -> None:
+    """The chapters read the package's result files through read_result: all must pass."""
+    import adcore
+    from adcore.repro.common import read_result
+
+    folder = Path(adcore.__file__).resolve().parent / "results"
+    files = sorted(folder.glob("*.json"))
+    if not files:
+        pytest.skip("no committed result files in this copy of the package")
+    for path in files:
+        result = read_result(path)
+        assert set(METRIC_KEYS) <= set(result["metrics"]), path.name
+        assert "gamma" not in (result["config"].get("train") or {}), path.name
+
+
+def test_read_result_gives_old_keys_their_current_names(tmp_path: Path) -> None:
+    from adcore.repro.common import read_result
+
+    out = write_result(tmp_path / "old.json", metrics=METRICS, device="cpu", train_seconds=1.0,
+                       eval_seconds=1.0, config={"method": "cflow",
+                                                 "train": {"lr": 2e-4, "gamma": 0.1, "seed": 0}})
+    train = read_result(out)["config"]["train"]
+    assert train == {"lr": 2e-4, "lr_decay": 0.1, "seed": 0} and list(train)[1] == "lr_decay"
+    current = write_result(tmp_path / "new.json", metrics=METRICS, device="cpu",
+                           train_seconds=1.0, eval_seconds=1.0,
+                           config={"train": {"lr_decay": 0.5}})
+    assert read_result(current)["config"]["train"] == {"lr_decay": 0.5}

@@ -12,12 +12,11 @@ import torch
 
 from adcore.__main__ import main
 from adcore.repro import vqvae as runner
-from adcore.repro.common import METRIC_KEYS, ReproArgs, run_method
+from adcore.repro.common import METRIC_KEYS, VQVAEArgs, run_method
 
 
-def _args(tmp_path: Path, **kw) -> ReproArgs:
-    return ReproArgs(**{"method": "vqvae", "dataset": "synthetic", "out": tmp_path / "r.json",
-                        **kw})
+def _args(tmp_path: Path, **kw) -> VQVAEArgs:
+    return VQVAEArgs(**{"dataset": "synthetic", "out": tmp_path / "r.json", **kw})
 
 
 def test_mvtec_defaults_are_the_papers(tmp_path, monkeypatch):
@@ -125,38 +124,62 @@ def test_cifar10_run_is_image_level(tmp_path):
     assert {"index", "score", "label", "path", "class"} <= set(normal[0])
 
 
+class _FakeRepro:
+    """Stands in for subprocess.Popen in the sweep's executor: records repro commands."""
+
+    def __init__(self) -> None:
+        self.commands: list[list[str]] = []
+
+    def __call__(self, command, env, stdout, stderr):
+        self.commands.append(command)
+
+        class Process:
+            def wait(self) -> int:
+                Path(command[command.index("--out") + 1]).write_text("{}")
+                return 0
+
+        return Process()
+
+    def cells(self) -> list[tuple[str, str | None, bool]]:
+        def option(command: list[str], flag: str) -> str | None:
+            return command[command.index(flag) + 1] if flag in command else None
+
+        return [(option(c, "--dataset"), option(c, "--category"), "--fast" in c)
+                for c in self.commands]
+
+
 def test_run_tables_skips_absent_data(tmp_path, monkeypatch, capsys):
+    import adcore.sweep as sweep
+
     # no shared data folder either: read_cifar10 would otherwise extract the shared archive
     (tmp_path / "no-shared").mkdir()
     monkeypatch.setenv("ADCORE_SHARED_DATA", str(tmp_path / "no-shared"))
-    calls = []
-
-    def fake_run(args):
-        calls.append((args.dataset, args.category, args.fast))
-        args.out.write_text("{}")
-        return args.out
-
-    monkeypatch.setattr(runner, "run_method", fake_run)
+    fake = _FakeRepro()
+    monkeypatch.setattr(sweep.subprocess, "Popen", fake)
     results = tmp_path / "results"
     results.mkdir()
     (results / "vqvae_synthetic_nut_s0.json").write_text("{}")  # kept, not re-run
-    written = runner.run_tables(results, tmp_path / "data", None, True, seeds=(0,))
-    assert [c[:2] for c in calls] == [("synthetic", "concrete"), ("synthetic", "screw"),
-                                      ("synthetic", "tile")]
-    assert all(c[2] for c in calls)
+    written = runner.run_tables(results, tmp_path / "data", None, True, seeds=(0,),
+                                log_dir=tmp_path / "logs")
+    assert sorted(fake.cells()) == [("synthetic", "concrete", True), ("synthetic", "screw", True),
+                                    ("synthetic", "tile", True)]
+    assert all(c[c.index("repro") + 1] == "vqvae" for c in fake.commands)
     assert [p.name for p in written] == ["vqvae_synthetic_concrete_s0.json",
                                          "vqvae_synthetic_screw_s0.json",
                                          "vqvae_synthetic_tile_s0.json"]
+    assert (tmp_path / "logs" / "vqvae_synthetic_tile_s0.log").is_file()
     out = capsys.readouterr().out
     assert "keep" in out and "vqvae_synthetic_nut_s0.json" in out
     assert "skip vqvae_mvtec_carpet_s0.json: MVTec AD carpet" in out
     assert "skip vqvae_ucsd-ped1_s0.json: UCSD Ped1: no UCSD Ped1 data" in out
     assert "skip vqvae_cifar10_truck_s0.json: CIFAR-10: no CIFAR-10 data" in out
     # a second call with more seeds runs exactly the missing ones, of the data sets asked
-    calls.clear()
-    runner.run_tables(results, tmp_path / "data", None, True, seeds=(0, 1), datasets=("synthetic",))
-    assert [(c[0], c[1]) for c in calls] == [("synthetic", c) for c in
-                                             ("concrete", "nut", "screw", "tile")]
+    fake.commands.clear()
+    runner.run_tables(results, tmp_path / "data", None, True, seeds=(0, 1), datasets=("synthetic",),
+                      log_dir=tmp_path / "logs")
+    assert sorted(c[:2] for c in fake.cells()) == [("synthetic", c) for c in
+                                                   ("concrete", "nut", "screw", "tile")]
+    assert all(c[c.index("--seed") + 1] == "1" for c in fake.commands)
     with pytest.raises(ValueError, match="unknown data set"):
         runner.run_tables(results, tmp_path / "data", None, True, datasets=("imagenet",))
 

@@ -158,3 +158,32 @@ def test_finished_checkpoint_is_reused_not_retrained(tmp_path: Path,
     assert history["resumed_from_epoch"] == 3
     for a, b in zip(first.flows.parameters(), again.flows.parameters()):
         assert torch.equal(a, b)
+
+
+def test_checkpoint_written_before_lr_decay_had_its_name_resumes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """A run interrupted under the old name of the decay factor (``gamma``) still resumes."""
+    data = _Images(4)
+    reference = train_cflow(_model(), data, CONFIG, show_progress=False)
+    ckpt = tmp_path / "old.ckpt"
+    _stop_after(monkeypatch, saves=1)
+    with pytest.raises(_Stop):
+        train_cflow(_model(), data, CONFIG, checkpoint=ckpt, show_progress=False)
+    monkeypatch.undo()
+    state = torch.load(ckpt, weights_only=True)
+    state["config"] = {("train.gamma" if k == "train.lr_decay" else k): v
+                       for k, v in state["config"].items()}
+    torch.save(state, ckpt)
+    history = train_cflow(_model(), data, CONFIG, checkpoint=ckpt, show_progress=False)
+    assert "resuming from epoch 1 of 3" in capsys.readouterr().out
+    assert history["loss"] == reference["loss"]
+    assert "train.lr_decay" in torch.load(ckpt, weights_only=True)["config"]  # saved anew
+    # a different factor under the old name is still another configuration
+    state = torch.load(ckpt, weights_only=True)
+    state["config"] = {("train.gamma" if k == "train.lr_decay" else k): v
+                       for k, v in state["config"].items()}
+    state["config"]["train.gamma"] = 0.5
+    state["epoch"] = 1
+    torch.save(state, ckpt)
+    with pytest.raises(CheckpointMismatchError, match="gamma"):
+        train_cflow(_model(), data, CONFIG, checkpoint=ckpt, show_progress=False)

@@ -10,13 +10,18 @@ and 90 test images, as in the VQ-VAE runs. ``--fast`` is the CI-sized run:
 128x128 (so fiber batches of 128: Lite0's coarsest stage then has 4x4 positions per image),
 4 epochs, 40 training and 30 test images of the synthetic set.
 
-The main metrics use the training-set normalisation and the product; ``variants`` holds the
+The main metrics are scored as the model's configuration says (by default the training-set
+normalisation and the product: ``CFlowConfig.combine`` and ``normalization``); ``variants`` holds the
 same trained model scored CFlow-AD's ways (sum of stages, test-set maximum, both) and the
 baseline of every table, ``mean_image`` (:func:`adcore.repro.common.mean_image_metrics`).
 
 ``--loss`` other than ``none`` and ``--dataset cracks`` are the contrastive runs of the paper's
-Table 1: their data, synthetic anomalies and objective come from
-:func:`adcore.repro.contrastive.prepare`, the training and evaluation from here.
+Table 1: their data, synthetic anomalies and objective are planned by
+:func:`adcore.repro.contrastive.prepare` (a :class:`~adcore.repro.contrastive.CFlowPlan`, as
+is the plan of a plain run). Every run trains through
+:func:`adcore.train.contrastive.train_contrastive`, the function chapter 8 trains with, and
+is evaluated here. The sizes come from :data:`adcore.repro.presets.CFLOW_STANDARD` or
+``CFLOW_FAST`` (``ReproArgs(preset=...)`` replaces them).
 """
 
 from __future__ import annotations
@@ -27,32 +32,35 @@ from typing import Any
 
 import torch
 
-from adcore.cflow import CFlowConfig, CFlowModel, anomaly_maps_from_log_likelihoods
+from adcore.cflow import (
+    NORMALIZATIONS,
+    CFlowConfig,
+    CFlowModel,
+    anomaly_maps_from_log_likelihoods,
+)
 from adcore.repro.common import (
-    ReproArgs,
+    CFlowArgs,
     checkpoint_file,
     evaluate,
     load_datasets,
     mean_image_metrics,
     resolve_device,
     run_identity,
-    run_method,
 )
+from adcore.repro.contrastive import CFlowPlan, prepare, table1_runs
+from adcore.repro.presets import (
+    CFLOW_DATASETS,
+    CFLOW_FAST,
+    CFLOW_STANDARD,
+    CFlowPreset,
+    choose_backbone,
+)
+from adcore.repro.tables import check_table_options, run_table_runs, table_run
 from adcore.runtime import fast_mode, seed_everything
-from adcore.train.cflow import CFlowTrainConfig, evaluate_images, train_cflow
+from adcore.sweep import Run
+from adcore.train.cflow import CFlowTrainConfig, evaluate_images
 
-__all__ = ["FAST", "STANDARD", "choose_backbone", "run", "run_tables", "score_variants"]
-
-PAPER_BACKBONE = "tf_efficientnet_b6"
-OFFLINE_BACKBONE = "tf_efficientnet_lite0"
-
-#: the paper's settings (Sec. 3.2); the synthetic set has the size the VQ-VAE runner uses, so
-#: that the two methods are compared on the same images (rendered at 256 here)
-STANDARD: dict[str, Any] = {"image_size": 256, "epochs": 200, "batch_size": 8, "fiber_batch": 256,
-                            "n_train": 200, "n_test": 90}
-#: the CI-sized run (minutes on a laptop CPU)
-FAST: dict[str, Any] = {"image_size": 128, "epochs": 4, "batch_size": 8, "fiber_batch": 128,
-                        "n_train": 40, "n_test": 30}
+__all__ = ["VARIANTS", "preset_of", "run", "run_tables", "score_variants", "table_runs"]
 
 #: scoring variants stored beside the main metrics: (combination, normalisation)
 VARIANTS: dict[str, tuple[str, str]] = {
@@ -62,29 +70,20 @@ VARIANTS: dict[str, tuple[str, str]] = {
 }
 
 
-def choose_backbone(requested: str | None, fast: bool) -> tuple[str, str]:
-    """The backbone of a run and why: requested, else B6 if its weights load, else Lite0.
-
-    Fast runs use Lite0 (no download, small). Returns ``(name, reason)``.
-    """
-    if requested:
-        return requested, "requested"
-    if fast:
-        return OFFLINE_BACKBONE, "fast mode"
-    from adcore.features import BackboneWeightsUnavailableError, create_backbone
-
-    try:
-        create_backbone(PAPER_BACKBONE, features_only=True, pretrained=True)
-    except BackboneWeightsUnavailableError as err:
-        print(f"note: {PAPER_BACKBONE} weights unavailable, using {OFFLINE_BACKBONE}: {err}")
-        return OFFLINE_BACKBONE, f"{PAPER_BACKBONE} weights unavailable"
-    return PAPER_BACKBONE, "the paper's backbone"
+def preset_of(args: CFlowArgs) -> CFlowPreset:
+    """The sizes of a run: ``args.preset`` if given, else the ``--fast`` or the paper's preset."""
+    if args.preset is not None:
+        return args.preset
+    return CFLOW_FAST if args.fast or fast_mode() else CFLOW_STANDARD
 
 
 def score_variants(log_p: list[torch.Tensor], channels: list[int], image_size: int,
                    normalization: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor,
                    main: tuple[str, str] = ("product", "train")) -> tuple[dict, dict]:
     """The four metrics for the main scoring and for each of :data:`VARIANTS`.
+
+    The run's main scoring is its model's (``CFlowConfig.combine`` and ``normalization``);
+    the variants are the same log-likelihoods scored the other ways.
 
     Args:
         log_p: per stage, (N, H_l, W_l) log-likelihoods of the test images.
@@ -96,7 +95,13 @@ def score_variants(log_p: list[torch.Tensor], channels: list[int], image_size: i
 
     Returns:
         ``(metrics, variants)``.
+
+    Raises:
+        ValueError: an unknown combination or normalisation.
     """
+    if main[1] not in NORMALIZATIONS:
+        raise ValueError(f"normalization {main[1]!r}: expected one of {NORMALIZATIONS}")
+
     def metrics_of(how: str, normalisation: str) -> dict:
         reference = normalization if normalisation == "train" else None
         maps, scores = anomaly_maps_from_log_likelihoods(log_p, channels, image_size,
@@ -106,7 +111,21 @@ def score_variants(log_p: list[torch.Tensor], channels: list[int], image_size: i
     return metrics_of(*main), {name: metrics_of(*v) for name, v in VARIANTS.items()}
 
 
-def run(args: ReproArgs) -> dict[str, Any]:
+def _plain_plan(args: CFlowArgs, preset: CFlowPreset, image_size: int, backbone: str,
+                why: str) -> CFlowPlan:
+    """The plan of an L_None run on MVTec-layout data (``synthetic``, ``mvtec``): the preset's
+    sizes, the training defaults of :class:`~adcore.train.cflow.CFlowTrainConfig`."""
+    train_ds, test_ds = load_datasets(args, image_size, n_train=preset.n_train,
+                                      n_test=preset.n_test)
+    train_config = CFlowTrainConfig(
+        epochs=args.epochs or preset.epochs, batch_size=min(preset.batch_size, len(train_ds)),
+        fiber_batch=preset.fiber_batch, seed=args.seed, stage_threads=args.stage_threads,
+        **({} if args.flow_loss is None else {"flow_loss": args.flow_loss}))
+    return CFlowPlan(train=train_ds, test=test_ds, image_size=image_size, backbone=backbone,
+                     backbone_choice=why, train_config=train_config, seed=args.seed)
+
+
+def run(args: CFlowArgs) -> dict[str, Any]:
     """Train and evaluate CFlow-AD as ``args`` says; returns the runner's result dict.
 
     Raises:
@@ -115,56 +134,40 @@ def run(args: ReproArgs) -> dict[str, Any]:
         BackboneWeightsUnavailableError: ``--backbone`` names weights that cannot be loaded.
     """
     fast = bool(args.fast or fast_mode())
-    preset = FAST if fast else STANDARD
+    preset = preset_of(args)
     device = resolve_device(args)
     seed_everything(args.seed)
-    contrastive_setup = None
+    plan: CFlowPlan | None = None
     if args.loss != "none" or args.dataset == "cracks":
-        from adcore.repro.contrastive import prepare
-
-        contrastive_setup = prepare(args)
-        image_size = contrastive_setup["image_size"]
-        backbone, why = contrastive_setup["backbone"], contrastive_setup["config"].get(
-            "backbone_choice", "")
-        train_ds, test_ds = contrastive_setup["train"], contrastive_setup["test"]
-        train_config = contrastive_setup["train_config"]
+        plan = prepare(args)
+        image_size, backbone, why = plan.image_size, plan.backbone, plan.backbone_choice
     else:
-        if args.dataset not in ("synthetic", "mvtec"):
-            raise ValueError(f"cflow runs on synthetic, mvtec or cracks; got {args.dataset!r}")
-        image_size = args.image_size or preset["image_size"]
+        if args.dataset not in CFLOW_DATASETS:  # cracks has gone the contrastive way above
+            *others, last = CFLOW_DATASETS
+            raise ValueError(f"cflow runs on {', '.join(others)} or {last}; got {args.dataset!r}")
+        image_size = args.image_size or preset.image_size
         backbone, why = choose_backbone(args.backbone, fast)
     # The model first: a bad backbone or image size fails before any data is generated.
     model_config = CFlowConfig(backbone=backbone, image_size=image_size)
     model = CFlowModel(model_config, generator=torch.Generator().manual_seed(args.seed))
     model.to(device)
-    if contrastive_setup is None:
-        train_ds, test_ds = load_datasets(args, image_size, n_train=preset["n_train"],
-                                          n_test=preset["n_test"])
-        train_config = CFlowTrainConfig(
-            epochs=args.epochs or preset["epochs"], batch_size=min(preset["batch_size"],
-                                                                   len(train_ds)),
-            fiber_batch=preset["fiber_batch"], seed=args.seed,
-            stage_threads=args.stage_threads,
-            **({} if args.flow_loss is None else {"flow_loss": args.flow_loss}))
+    if plan is None:
+        plan = _plain_plan(args, preset, image_size, backbone, why)
+    train_ds, test_ds, train_config = plan.train, plan.test, plan.train_config
 
-    kwargs: dict[str, Any] = {}
-    if contrastive_setup is not None and contrastive_setup["contrastive"] is not None:
-        kwargs = {"augment": contrastive_setup["augment"],
-                  "contrastive": contrastive_setup["contrastive"],
-                  "contrastive_start_epoch": contrastive_setup["contrastive_start_epoch"],
-                  "mask_rule": contrastive_setup["mask_rule"]}
     # The checkpoint belongs to this run only: beside --out, keyed by everything that changes
     # the result (train_cflow adds the model, schedule and objective); written every epoch.
     identity = run_identity(args, device, category=getattr(test_ds, "category", args.category),
-                            n_train=len(train_ds), setup=(contrastive_setup or {}).get("config"))
-    history = train_cflow(model, train_ds, train_config, checkpoint=checkpoint_file(args.out),
-                          identity=identity, **kwargs)
+                            n_train=len(train_ds), setup=plan.config)
+    # Chapter 8's function (adcore.train.contrastive.train_contrastive), for every loss.
+    history = plan.train_model(model, checkpoint=checkpoint_file(args.out), identity=identity)
 
     start = time.perf_counter()
     results = evaluate_images(model, test_ds, batch_size=train_config.batch_size)
     metrics, variants = score_variants(results["log_p"], model.channels, image_size,
                                        model.normalization.cpu(), results["masks"],
-                                       results["labels"])
+                                       results["labels"],
+                                       main=(model_config.combine, model_config.normalization))
     # The baseline, averaged over the finest feature cell, scored by its maximum as CFlow-AD.
     finest_stride = image_size // model.stage_sizes[0][0]
     variants["mean_image"] = mean_image_metrics(train_ds, test_ds,
@@ -179,7 +182,9 @@ def run(args: ReproArgs) -> dict[str, Any]:
         "backbone": backbone, "backbone_choice": why,
         "model": model_config.to_dict(), "train": train_config.to_dict(),
         "n_train": len(train_ds), "n_test": len(test_ds),
-        "scoring": {"main": "product of Eq. 4 stage scores, training-set normalisation",
+        "scoring": {"main": f"{model_config.combine} of Eq. 4 stage scores, "
+                            + {"train": "training-set", "test_max": "test-set maximum"}[
+                                model_config.normalization] + " normalisation",
                     "variants": {k: {"combine": c, "normalization": n}
                                  for k, (c, n) in VARIANTS.items()}},
         "measured": {"optimizer_steps_per_stage": history["steps"],
@@ -188,22 +193,23 @@ def run(args: ReproArgs) -> dict[str, Any]:
                      "test_images_per_second": round(results["images_per_second"], 2),
                      "normalization": history["normalization"]},
     }
-    if contrastive_setup is not None:
-        config["contrastive_setup"] = contrastive_setup["config"]
+    if plan.config is not None:
+        config["contrastive_setup"] = plan.config
     return {"metrics": metrics, "config": config, "train_seconds": history["seconds"],
             "eval_seconds": eval_seconds, "device": str(device), "variants": variants,
             "resumed_from_epoch": history["resumed_from_epoch"]}
 
 
-def run_tables(results_dir: Path, root: Path | None, device: str | None,
+def table_runs(results_dir: Path, root: Path | None, device: str | None,
                fast: bool, seeds: tuple[int, ...] = (0, 1, 2),
-               epochs: int | None = None) -> list[Path]:
-    """The runs behind the book's CFlow-AD tables, for the data that is present.
+               epochs: int | None = None) -> list[Run]:
+    """The runs behind the book's CFlow-AD tables still to do, for the data that is present.
 
     L_None on the synthetic set (the book's comparison with the VQ-VAE) and on MVTec AD
     ``tile`` (the paper's Table 1, first column) when it is found; the paper's other data sets
-    (Crack500, RDG, Lingo) are not available here and are reported as skipped. The
-    contrastive rows of Table 1 are produced by ``--loss`` runs (chapter 9).
+    (Crack500, RDG, Lingo) are not available here and are reported as skipped. Then the
+    contrastive rows of Table 1 (:func:`adcore.repro.contrastive.table1_runs`). Existing
+    result files are kept.
 
     Args:
         results_dir, root, device, fast: as ``python -m adcore tables``.
@@ -211,34 +217,45 @@ def run_tables(results_dir: Path, root: Path | None, device: str | None,
         epochs: the contrastive runs' ``--epochs`` (None: the paper's schedule).
 
     Returns:
-        The result files written (``cflow_<dataset>_<category>[_fast]_s<seed>.json`` and the
-        contrastive runs' files).
+        The runs (``cflow_<dataset>_<category>[_fast]_s<seed>.json`` and the contrastive
+        runs' files).
     """
     from adcore.data import data_root
 
     results_dir = Path(results_dir)
     suffix = "_fast" if fast else ""
-    runs: list[tuple[str, str, Path | None]] = [("synthetic", "concrete", None)]
+    cells: list[tuple[str, str, Path | None]] = [("synthetic", "concrete", None)]
     mvtec_root = Path(root) if root is not None else data_root() / "mvtec_anomaly_detection"
     if (mvtec_root / "tile").is_dir():
-        runs.append(("mvtec", "tile", mvtec_root))
+        cells.append(("mvtec", "tile", mvtec_root))
     else:
         print(f"skip: MVTec AD tile not found under {mvtec_root}")
     for name in ("Crack500", "RDG (private)", "Lingo (private)"):
         print(f"skip: {name} is not available here")
-    written = []
-    for dataset, category, data in runs:
+    runs = []
+    for dataset, category, data in cells:
         for seed in seeds:
-            out = results_dir / f"cflow_{dataset}_{category}{suffix}_s{seed}.json"
-            if out.exists():  # a measured result is never replaced without being asked
-                print(f"keep: {out} exists (delete it to measure again)")
+            name = f"cflow_{dataset}_{category}{suffix}_s{seed}.json"
+            if (results_dir / name).exists():  # a measured result is never replaced unasked
+                print(f"keep: {results_dir / name} exists (delete it to measure again)")
                 continue
-            args = ReproArgs(method="cflow", dataset=dataset, out=out, root=data,
-                             category=category, device=device, fast=fast, seed=seed)
-            written.append(run_method(args))
-            print(f"wrote {out}")
+            runs.append(table_run(results_dir, name, "cflow", dataset, category=category,
+                                  root=data, device=device, fast=fast, seed=seed))
     # Table 1 of the civil-engineering paper: every loss on cracks and on MVTec AD tile.
-    from adcore.repro.contrastive import run_table1
+    return runs + table1_runs(results_dir, root, device, fast, seeds=seeds, epochs=epochs)
 
-    written += run_table1(results_dir, root, device, fast, seeds=seeds, epochs=epochs)
-    return written
+
+def run_tables(results_dir: Path, root: Path | None, device: str | None,
+               fast: bool, seeds: tuple[int, ...] = (0, 1, 2),
+               epochs: int | None = None, *, jobs: int = 1,
+               log_dir: Path | None = None) -> list[Path]:
+    """Run :func:`table_runs`, ``jobs`` at once through the sweep's local executor.
+
+    Returns:
+        The result files written.
+    """
+    # the contrastive runs train L_NF alone first, then the term: at least 2 epochs
+    check_table_options(jobs=jobs, seeds=seeds, results_dir=results_dir, log_dir=log_dir,
+                        epochs=epochs, min_epochs=2)
+    return run_table_runs(table_runs(results_dir, root, device, fast, seeds, epochs),
+                          jobs=jobs, log_dir=log_dir)

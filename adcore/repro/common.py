@@ -24,7 +24,6 @@ import os
 import platform
 import subprocess
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +31,27 @@ import numpy as np
 import torch
 
 import adcore
+from adcore.repro.args import (
+    METHOD_ARGS,
+    CFlowArgs,
+    ReproArgs,
+    RunArgs,
+    VQVAEArgs,
+    command_line_args,
+    method_args,
+)
+from adcore.repro.presets import CFLOW_DATASETS, VQVAE_DATASETS, CFlowPreset
 from adcore.runtime import atomic_path, default_device
 
 __all__ = [
+    "CFlowArgs",
     "DATASETS",
     "MAX_IMAGE_SIZE",
     "METHODS",
     "METRIC_KEYS",
     "ReproArgs",
+    "RunArgs",
+    "VQVAEArgs",
     "check_out",
     "checkpoint_file",
     "evaluate",
@@ -58,8 +70,9 @@ __all__ = [
 ]
 
 #: method name -> module implementing ``run(args)`` and ``run_tables(...)``
-METHODS: dict[str, str] = {"vqvae": "adcore.repro.vqvae", "cflow": "adcore.repro.cflow"}
-DATASETS: tuple[str, ...] = ("synthetic", "mvtec", "ucsd-ped1", "cifar10", "cracks")
+METHODS: dict[str, str] = {name: f"adcore.repro.{name}" for name in METHOD_ARGS}
+#: every data set of some method (each method's own list is in :mod:`adcore.repro.presets`)
+DATASETS: tuple[str, ...] = tuple(dict.fromkeys(VQVAE_DATASETS + CFLOW_DATASETS))
 METRIC_KEYS: tuple[str, ...] = ("image_auroc", "pixel_auroc", "pixel_auroc_per_image", "pixel_aupro")
 #: the largest ``--image-size``: four times the papers' 256, already 16 times their memory
 MAX_IMAGE_SIZE = 1024
@@ -67,32 +80,7 @@ MAX_IMAGE_SIZE = 1024
 _DEVICE_TYPES = ("cpu", "cuda", "mps")
 
 
-@dataclass
-class ReproArgs:
-    """The runner's arguments; ``None`` means "the method's default" (the paper's settings)."""
-
-    method: str
-    dataset: str
-    out: Path
-    root: Path | None = None
-    category: str | None = None
-    image_size: int | None = None
-    epochs: int | None = None
-    device: str | None = None
-    seed: int = 0
-    loss: str = "none"
-    backbone: str | None = None
-    fast: bool = False
-    force: bool = False
-    stage_threads: int = 1
-    #: cflow contrastive runs: flow loss (None: the reference code's logsigmoid), mask rule,
-    #: fusion weighting (see adcore.train.contrastive)
-    flow_loss: str | None = None
-    mask_rule: str = "binary"
-    fusion: str = "sum"
-
-
-def resolve_device(args: ReproArgs) -> torch.device:
+def resolve_device(args: ReproArgs | RunArgs) -> torch.device:
     """``--device`` if given, else :func:`adcore.default_device` (``ADCORE_DEVICE`` or CUDA if present).
 
     Raises:
@@ -146,15 +134,11 @@ def validate_args(args: ReproArgs) -> None:
             f"activations, which would exhaust the memory (the papers use 256)")
     if isinstance(args.seed, bool) or not isinstance(args.seed, int) or not 0 <= args.seed < 2**32:
         raise ValueError(f"--seed {args.seed}: expected an integer from 0 to {2**32 - 1}")
-    if args.method == "vqvae":
-        # flags of the CFlow-AD runs: accepting them here would let a reader believe they acted
-        ignored = {"--loss": args.loss if args.loss not in (None, "none") else None,
-                   "--backbone": args.backbone,
-                   "--stage-threads": args.stage_threads if args.stage_threads != 1 else None}
-        for flag, value in ignored.items():
-            if value is not None:
-                raise ValueError(f"{flag} {value}: the vqvae method has no such setting (it is "
-                                 "for cflow); leave the flag out")
+    if args.preset is not None and not (args.method == "cflow"
+                                        and isinstance(args.preset, CFlowPreset)):
+        raise ValueError(f"preset={args.preset!r}: expected None, or an "
+                         "adcore.repro.presets.CFlowPreset for the cflow method")
+    method_args(args)  # a flag of another method, given a value, is refused here
     if args.root is not None:
         root = Path(args.root)
         if root.exists() and not root.is_dir():
@@ -203,7 +187,7 @@ def checkpoint_file(out: str | os.PathLike) -> Path:
     return out.with_name(out.name + ".ckpt")
 
 
-def run_identity(args: ReproArgs, device: torch.device, **settings: Any) -> dict[str, Any]:
+def run_identity(args: RunArgs, device: torch.device, **settings: Any) -> dict[str, Any]:
     """What makes a checkpoint belong to one run, besides the model and training settings.
 
     Method, data set, data location (``--root`` resolved, else the default root), seed, fast
@@ -222,11 +206,13 @@ def run_identity(args: ReproArgs, device: torch.device, **settings: Any) -> dict
 
         root = str(Path(data_root()).resolve())
     return {"method": args.method, "dataset": args.dataset, "root": root, "seed": args.seed,
-            "fast": bool(args.fast or os.environ.get("ADCORE_FAST") == "1"), "loss": args.loss,
-            "backbone": args.backbone, "device": torch.device(device).type, **settings}
+            "fast": bool(args.fast or os.environ.get("ADCORE_FAST") == "1"),
+            # the VQ-VAE has neither: recorded as before, so existing checkpoints still match
+            "loss": getattr(args, "loss", "none"), "backbone": getattr(args, "backbone", None),
+            "device": torch.device(device).type, **settings}
 
 
-def load_datasets(args: ReproArgs, image_size: int, channels: int = 3, *,
+def load_datasets(args: RunArgs, image_size: int, channels: int = 3, *,
                   n_train: int = 300, n_test: int = 120) -> tuple[Any, Any]:
     """Train and test sets for the MVTec-layout data sets (``synthetic`` and ``mvtec``).
 
@@ -456,6 +442,9 @@ def write_result(out: str | os.PathLike, *, metrics: dict[str, float | None],
 def read_result(path: str | os.PathLike) -> dict[str, Any]:
     """Read one result file of the contract (the counterpart of :func:`write_result`).
 
+    Older files are read with today's names (``config.train.gamma`` is ``lr_decay``), so a
+    reader needs no case for them.
+
     Raises:
         ValueError: the file is not valid JSON or lacks ``metrics``/``provenance`` (the
             message names the file).
@@ -468,6 +457,20 @@ def read_result(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{path} is not valid JSON: {err}") from err
     if not isinstance(result, dict) or "metrics" not in result or "provenance" not in result:
         raise ValueError(f"{path} is not a runner result (expected 'metrics' and 'provenance')")
+    return _current_names(result)
+
+
+#: training-setting keys renamed since result files were first written: old -> new
+_RENAMED_TRAIN_KEYS = {"gamma": "lr_decay"}  # CFlowTrainConfig's learning-rate decay factor
+
+
+def _current_names(result: dict[str, Any]) -> dict[str, Any]:
+    """``result`` with the configuration keys of older files under their current names."""
+    train = (result.get("config") or {}).get("train")
+    if isinstance(train, dict) and any(old in train for old in _RENAMED_TRAIN_KEYS):
+        result["config"]["train"] = {
+            _RENAMED_TRAIN_KEYS.get(key, key) if _RENAMED_TRAIN_KEYS.get(key) not in train
+            else key: value for key, value in train.items()}
     return result
 
 
@@ -480,8 +483,11 @@ def seed_stats(values: list[float]) -> dict[str, Any]:
             "std": float(array.std(ddof=1)) if array.size > 1 else None, "n": int(array.size)}
 
 
-def run_method(args: ReproArgs) -> Path:
+def run_method(args: ReproArgs | RunArgs) -> Path:
     """Run ``args.method`` and write its result file; returns the file's path.
+
+    ``args`` is the command line (:class:`ReproArgs`) or a method's own arguments
+    (:class:`VQVAEArgs`, :class:`CFlowArgs`).
 
     Every flag and ``--out`` are checked first (:func:`validate_args`, :func:`check_out`).
     Training checkpoints to :func:`checkpoint_file` after every epoch; a rerun of the same
@@ -489,6 +495,7 @@ def run_method(args: ReproArgs) -> Path:
     is published without replacing a file another writer created meanwhile (unless
     ``--force``).
     """
+    args = command_line_args(args)
     validate_args(args)
     check_out(args.out, args.force)
     checkpoint = checkpoint_file(args.out)
@@ -503,7 +510,7 @@ def run_method(args: ReproArgs) -> Path:
         load_checkpoint(checkpoint, restore_rng=False)
     module = importlib.import_module(METHODS[args.method])
     commit = _git_commit()  # the code that runs, whatever the checkout becomes meanwhile
-    result = module.run(args)
+    result = module.run(method_args(args))  # the method's own flags only
     out = write_result(args.out, metrics=result["metrics"], config=result["config"],
                        device=result["device"], train_seconds=result["train_seconds"],
                        eval_seconds=result["eval_seconds"], variants=result.get("variants"),

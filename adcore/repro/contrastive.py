@@ -29,22 +29,37 @@ Chapter 9 (``book/09_cflow_table``) shows the result files next to the paper's t
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from adcore.repro.common import ReproArgs, load_datasets
+from adcore.cflow import CFlowModel
+from adcore.losses import CONTRASTIVE_KINDS
+from adcore.repro.common import CFlowArgs, load_datasets, read_result, seed_stats
+from adcore.repro.presets import (
+    CFLOW_FAST,
+    CFLOW_STANDARD,
+    CONTRASTIVE_DATASETS,
+    CONTRASTIVE_FAST,
+    CONTRASTIVE_STANDARD,
+    choose_backbone,
+)
+from adcore.repro.tables import check_table_options, run_table_runs, table_run
 from adcore.runtime import fast_mode
+from adcore.sweep import Run
+from adcore.train.cflow import CFlowTrainConfig
 from adcore.train.contrastive import (
     PAPER_EPOCHS,
-    SyntheticAnomalyAugment,
+    ContrastiveObjective,
     make_contrastive,
     paper_train_config,
     scaled_schedule,
+    train_contrastive,
 )
 
 __all__ = [
+    "CFlowPlan",
     "DATASETS",
     "LOSSES",
     "MVTEC_SOURCE_CATEGORY",
@@ -57,38 +72,26 @@ __all__ = [
     "result_name",
     "results_table",
     "run_table1",
+    "table1_runs",
     "variant_of",
 ]
 
-DATASETS: tuple[str, ...] = ("cracks", "mvtec", "synthetic")
-LOSSES: tuple[str, ...] = ("none", "boundary", "cl", "likelihood", "fusion")
+#: the data sets of the contrastive runs (:mod:`adcore.repro.presets`)
+DATASETS: tuple[str, ...] = CONTRASTIVE_DATASETS
+#: ``--loss``: L_None and the paper's four objectives (:mod:`adcore.losses` owns the names)
+LOSSES: tuple[str, ...] = CONTRASTIVE_KINDS
 #: the MVTec AD category whose defects are pasted into the target (the paper: wood into tile)
 MVTEC_SOURCE_CATEGORY = "wood"
 #: the crack set the real defects come from
 CRACK_SOURCE = "deepcrack"
 
-#: what the contrastive runs add to the CFlow-AD runner's presets (:data:`adcore.repro.cflow.
-#: STANDARD` / ``FAST``: image size, epochs, batch, fiber batch, synthetic set sizes), so that a
-#: run with ``--loss none`` and one with a contrastive term see the same data and schedule.
-_STANDARD: dict[str, Any] = {
-    "cracks": {"n_train_images": None, "n_test_images": None, "n_sources": None},
-    "synthetic": {"n_sources": 32},
-    "mvtec": {"n_sources": None},
-}
-#: ``--fast``: a few crack images (10 for training: 49 healthy crops; 6 for testing: 54
-#: crops) and sources.
-_FAST: dict[str, Any] = {
-    "cracks": {"n_train_images": 10, "n_test_images": 6, "n_sources": 12},
-    "synthetic": {"n_sources": 8},
-    "mvtec": {"n_sources": 16},
-}
 #: DeepCrack's cracks are about twice as wide, in pixels, as CrackForest's at their native
 #: sizes, and a CrackForest sub-image is about 160 pixels wide: reading the sources at
 #: S / 400 pastes cracks of the width of the real ones into S x S crops.
 _CRACK_SOURCE_SCALE_PER_PIXEL = 1.0 / 400.0
 
 
-def resolve_settings(args: ReproArgs, image_size: int | None = None) -> dict[str, Any]:
+def resolve_settings(args: CFlowArgs, image_size: int | None = None) -> dict[str, Any]:
     """Every setting of a contrastive run: the paper's (or ``--fast``'s), then the CLI's.
 
     Args:
@@ -110,26 +113,28 @@ def resolve_settings(args: ReproArgs, image_size: int | None = None) -> dict[str
                          f"one of {', '.join(DATASETS)}")
     if args.loss not in LOSSES:
         raise ValueError(f"--loss {args.loss!r}: expected one of {', '.join(LOSSES)}")
-    from adcore.repro import cflow
-
     fast = bool(args.fast or fast_mode())
-    runner = cflow.FAST if fast else cflow.STANDARD
-    preset = _FAST if fast else _STANDARD
-    size = image_size or args.image_size or runner["image_size"]
-    epochs = args.epochs if args.epochs is not None else runner["epochs"]
+    # the CFlow-AD runner's sizes (adcore.repro.cflow.preset_of), so that a run with
+    # --loss none and one with a contrastive term see the same data and schedule
+    runner = args.preset or (CFLOW_FAST if fast else CFLOW_STANDARD)
+    extra = (CONTRASTIVE_FAST if fast else CONTRASTIVE_STANDARD)[args.dataset]
+    size = image_size or args.image_size or runner.image_size
+    epochs = args.epochs if args.epochs is not None else runner.epochs
     if epochs < 2:
         raise ValueError(f"--epochs {epochs}: a contrastive run needs at least 2 epochs (L_NF "
                          "alone first, then the contrastive term; the paper: 8 of 200)")
     schedule = scaled_schedule(int(epochs))
-    data = dict(preset[args.dataset])
+    data: dict[str, Any] = ({"n_sources": extra.n_sources} if args.dataset != "cracks" else
+                            {"n_train_images": extra.n_train_images,
+                             "n_test_images": extra.n_test_images, "n_sources": extra.n_sources})
     if args.dataset == "synthetic":
-        data.update(n_train=runner["n_train"], n_test=runner["n_test"])
-    return {"image_size": int(size), "epochs": int(epochs), "batch_size": runner["batch_size"],
-            "fiber_batch": runner["fiber_batch"], "start_epoch": schedule["start_epoch"],
+        data.update(n_train=runner.n_train, n_test=runner.n_test)
+    return {"image_size": int(size), "epochs": int(epochs), "batch_size": runner.batch_size,
+            "fiber_batch": runner.fiber_batch, "start_epoch": schedule["start_epoch"],
             "milestones": schedule["milestones"], "data": data, "fast": fast}
 
 
-def _crack_data(args: ReproArgs, size: int, data: dict[str, Any]) -> tuple[Any, Any, Callable[[], list], dict]:
+def _crack_data(args: CFlowArgs, size: int, data: dict[str, Any]) -> tuple[Any, Any, Callable[[], list], dict]:
     from adcore.data.cracks import CRACK_SPLITS, crack_datasets, crack_root
     from adcore.synth import crack_sources
 
@@ -164,7 +169,7 @@ def _crack_data(args: ReproArgs, size: int, data: dict[str, Any]) -> tuple[Any, 
     return train, test, sources, info
 
 
-def _mvtec_data(args: ReproArgs, size: int, data: dict[str, Any],
+def _mvtec_data(args: CFlowArgs, size: int, data: dict[str, Any],
                 datasets: tuple[Any, Any] | None) -> tuple[Any, Any, Callable[[], list], dict]:
     from adcore.data import MVTecAD, data_root
     from adcore.synth import sources_from_dataset
@@ -185,7 +190,7 @@ def _mvtec_data(args: ReproArgs, size: int, data: dict[str, Any],
     return train, test, sources, info
 
 
-def _synthetic_data(args: ReproArgs, size: int, data: dict[str, Any],
+def _synthetic_data(args: CFlowArgs, size: int, data: dict[str, Any],
                     datasets: tuple[Any, Any] | None) -> tuple[Any, Any, Callable[[], list], dict]:
     from adcore.synth import synthetic_sources
 
@@ -203,9 +208,72 @@ def _synthetic_data(args: ReproArgs, size: int, data: dict[str, Any],
     return train, test, sources, info
 
 
-def prepare(args: ReproArgs, *, image_size: int | None = None,
-            datasets: tuple[Any, Any] | None = None) -> dict[str, Any]:
-    """Everything a contrastive CFlow-AD run needs besides the model and the evaluation.
+@dataclass(frozen=True)
+class CFlowPlan:
+    """Everything a CFlow-AD run needs besides the model and the evaluation.
+
+    Built by :func:`prepare` (the contrastive runs and the crack data) or by the CFlow-AD
+    runner (:func:`adcore.repro.cflow.run`, L_None on MVTec-layout data); trained by
+    :meth:`train_model`, which is :func:`adcore.train.contrastive.train_contrastive`, the
+    function chapter 8 trains with, so the chapter and the table train the same way.
+
+    Attributes:
+        train, test: the datasets (items ``image``, ``mask``, ``label``, ...).
+        image_size, backbone, backbone_choice: what the model is built with, and why that
+            backbone (:func:`adcore.repro.presets.choose_backbone`).
+        train_config: the :class:`~adcore.train.cflow.CFlowTrainConfig` of the run.
+        loss: ``"none"`` (L_NF alone) or a contrastive kind.
+        seed: seeds the synthetic anomalies.
+        sources: the defect sources of the synthetic anomalies (empty for ``"none"``).
+        synthesizer_options: options of :class:`~adcore.synth.AnomalySynthesizer`.
+        objective_options: options of the objective (``fusion``) besides its kind and the
+            flow loss.
+        objective: the :class:`~adcore.train.contrastive.ContrastiveObjective` these settings
+            make (None for ``"none"``), as the result file records it.
+        start_epoch: the epoch the contrastive term starts at (0 for ``"none"``).
+        mask_rule: how the defect masks reach the feature stages
+            (:func:`adcore.losses.feature_masks`).
+        config: plain JSON entries for the result file (``config.contrastive_setup``), or
+            None for a plain L_None run on MVTec-layout data.
+    """
+
+    train: Any
+    test: Any
+    image_size: int
+    backbone: str
+    backbone_choice: str
+    train_config: CFlowTrainConfig
+    loss: str = "none"
+    seed: int = 0
+    sources: tuple[Any, ...] = ()
+    synthesizer_options: Mapping[str, Any] = field(default_factory=dict)
+    objective_options: Mapping[str, Any] = field(default_factory=dict)
+    objective: ContrastiveObjective | None = None
+    start_epoch: int = 0
+    mask_rule: str = "binary"
+    config: dict[str, Any] | None = None
+
+    def train_model(self, model: CFlowModel, **train_options: Any) -> dict:
+        """Train ``model`` on :attr:`train` with :func:`~adcore.train.contrastive.train_contrastive`.
+
+        Args:
+            model: the CFlow-AD model (on its device).
+            **train_options: passed on to :func:`~adcore.train.cflow.train_cflow`
+                (``checkpoint``, ``identity``, ``show_progress`` ...).
+
+        Returns:
+            The training history.
+        """
+        return train_contrastive(
+            model, self.train, self.loss, sources=self.sources or None, config=self.train_config,
+            start_epoch=self.start_epoch, seed=self.seed, mask_rule=self.mask_rule,
+            objective_options=dict(self.objective_options),
+            synthesizer_options=dict(self.synthesizer_options), **train_options)
+
+
+def prepare(args: CFlowArgs, *, image_size: int | None = None,
+            datasets: tuple[Any, Any] | None = None) -> CFlowPlan:
+    """The plan of a contrastive CFlow-AD run (or of any run on the crack data).
 
     Args:
         args: the runner's arguments (``--dataset``, ``--loss``, ``--category``, ``--root``,
@@ -217,20 +285,9 @@ def prepare(args: ReproArgs, *, image_size: int | None = None,
             protocol is always built here.
 
     Returns:
-        A dict with
-
-        - ``train``, ``test``: the datasets (items ``image``, ``mask``, ``label``, ...);
-        - ``augment``: a :class:`~adcore.train.contrastive.SyntheticAnomalyAugment`, or None
-          for ``--loss none``;
-        - ``contrastive``: the :class:`~adcore.train.contrastive.ContrastiveObjective`, or
-          None for ``--loss none``;
-        - ``contrastive_start_epoch``: the epoch the terms start at;
-        - ``mask_rule``: how the defect masks reach the feature stages
-          (:func:`adcore.losses.feature_masks`);
-        - ``image_size``, ``backbone``: what the model must be built with;
-        - ``train_config``: the :class:`~adcore.train.cflow.CFlowTrainConfig` of the run
-          (the paper's schedule, ``--epochs``, ``--seed``);
-        - ``config``: plain JSON entries for the result file's configuration.
+        The :class:`CFlowPlan`: the datasets of the data set's kind (one function each:
+        cracks, MVTec AD, synthetic), its defect sources, the paper's schedule scaled to the
+        run's epochs, the objective and the result file's ``contrastive_setup``.
 
     Raises:
         ValueError: an unknown data set, loss or category, too few epochs.
@@ -246,8 +303,6 @@ def prepare(args: ReproArgs, *, image_size: int | None = None,
     else:
         train, test, sources, info = _synthetic_data(args, size, data, datasets)
 
-    from adcore.repro.cflow import choose_backbone
-
     backbone, why = choose_backbone(args.backbone, settings["fast"])
     flow_loss = {} if args.flow_loss is None else {"flow_loss": args.flow_loss}
     train_config = paper_train_config(epochs=settings["epochs"],
@@ -255,23 +310,25 @@ def prepare(args: ReproArgs, *, image_size: int | None = None,
                                       fiber_batch=settings["fiber_batch"], seed=args.seed,
                                       milestones=settings["milestones"],
                                       stage_threads=args.stage_threads, **flow_loss)
-    contrastive = make_contrastive(args.loss, flow_loss=train_config.flow_loss,
-                                   fusion=args.fusion)
+    objective_options = {"fusion": args.fusion}
+    # the objective train_contrastive will build from the same settings, for the record
+    objective = make_contrastive(args.loss, flow_loss=train_config.flow_loss,
+                                 **objective_options)
     augmentation: dict[str, Any] | None = None
-    augment = None
-    if contrastive is not None:
+    defects: tuple[Any, ...] = ()
+    options: dict[str, Any] = {}
+    if objective is not None:
         options = {"window": size // 2, "scale": (0.75, 1.25), "rotation": 180.0, "flip": 0.5,
                    "blend": "poisson", "guidance": "source"}
-        defects = sources()
-        augment = SyntheticAnomalyAugment.from_sources(defects, seed=args.seed, **options)
+        defects = tuple(sources())
         augmentation = {**options, "scale": list(options["scale"]), "n_sources": len(defects),
                         "per_image": 1}
-    start = settings["start_epoch"] if contrastive is not None else 0
+    start = settings["start_epoch"] if objective is not None else 0
     config = {
         "loss": args.loss,
         "flow_loss": train_config.flow_loss,
         "masks": args.mask_rule,
-        "contrastive": contrastive.to_dict() if contrastive is not None else None,
+        "contrastive": objective.to_dict() if objective is not None else None,
         "contrastive_start_epoch": start,
         "milestones": list(settings["milestones"]),
         "augmentation": augmentation,
@@ -280,9 +337,11 @@ def prepare(args: ReproArgs, *, image_size: int | None = None,
         "backbone_choice": why,
         "fast": settings["fast"],
     }
-    return {"train": train, "test": test, "augment": augment, "contrastive": contrastive,
-            "contrastive_start_epoch": start, "mask_rule": args.mask_rule, "image_size": size,
-            "backbone": backbone, "train_config": train_config, "config": config}
+    return CFlowPlan(train=train, test=test, image_size=size, backbone=backbone,
+                     backbone_choice=why, train_config=train_config, loss=args.loss,
+                     seed=args.seed, sources=defects, synthesizer_options=options,
+                     objective_options=objective_options, objective=objective,
+                     start_epoch=start, mask_rule=args.mask_rule, config=config)
 
 
 # --------------------------------------------------------------------------- Table 1
@@ -382,9 +441,6 @@ def results_table(results_dir: str | Path, variant: dict[str, str] | None = None
         ValueError: a ``cflow_*.json`` file that is not a runner result (named), or an
             unknown variant key.
     """
-    from adcore.repro.cflow import STANDARD
-    from adcore.repro.common import read_result, seed_stats
-
     wanted = {**DEFAULT_VARIANT, **(variant or {})}
     if set(wanted) != set(DEFAULT_VARIANT):
         raise ValueError(f"variant keys {sorted(set(wanted) - set(DEFAULT_VARIANT))}: expected "
@@ -401,7 +457,7 @@ def results_table(results_dir: str | Path, variant: dict[str, str] | None = None
         fast = bool(config.get("fast"))
         epochs = (config.get("train") or {}).get("epochs")
         schedule = ("fast" if fast else
-                    "paper" if epochs is not None and epochs >= STANDARD["epochs"] else "reduced")
+                    "paper" if epochs is not None and epochs >= PAPER_EPOCHS else "reduced")
         seed = int(config.get("seed", 0))
         date = str(result["provenance"].get("date", ""))
         cell = runs.setdefault((loss, column, schedule, epochs or 0, data), {})
@@ -461,13 +517,14 @@ def results_table(results_dir: str | Path, variant: dict[str, str] | None = None
     return table
 
 
-def run_table1(results_dir: str | Path, root: str | Path | None = None,
-               device: str | None = None, fast: bool = False,
-               seeds: tuple[int, ...] = (0, 1, 2), epochs: int | None = None) -> list[Path]:
-    """Run the five losses of Table 1 on the crack data (and MVTec AD tile) when present.
+def table1_runs(results_dir: str | Path, root: str | Path | None = None,
+                device: str | None = None, fast: bool = False,
+                seeds: tuple[int, ...] = (0, 1, 2), epochs: int | None = None) -> list[Run]:
+    """The runs of Table 1 still to do: five losses on the crack data and MVTec AD tile.
 
-    Writes one :func:`result_name` file per loss and seed; prints a skip message for each
-    column whose data is absent (RDG and Lingo are private).
+    One :func:`result_name` file per data set, loss and seed; prints a skip message for each
+    column whose data is absent (RDG and Lingo are private) and a keep message for each
+    result that exists (delete it to measure again).
 
     Args:
         results_dir: where to write (``adcore.repro.results_dir()``).
@@ -479,38 +536,49 @@ def run_table1(results_dir: str | Path, root: str | Path | None = None,
         epochs: ``--epochs`` (None: the paper's 200, or the fast preset).
 
     Returns:
-        The files written.
+        The runs (:class:`adcore.sweep.Run`).
     """
     from adcore.data import data_root
     from adcore.data.cracks import crack_root
-    from adcore.repro.common import run_method
 
     results_dir = Path(results_dir)
-    runs: list[tuple[str, str, Path | None]] = []
+    columns: list[tuple[str, str, Path | None]] = []
     cracks = crack_root()
     if cracks is not None and ((cracks / "crack500").is_dir() or (cracks / "cfd").is_dir()):
-        runs.append(("cracks", "crack500" if (cracks / "crack500").is_dir() else "cfd", None))
+        columns.append(("cracks", "crack500" if (cracks / "crack500").is_dir() else "cfd", None))
     else:
         print("skip: no crack data (../shared/data or $ADCORE_CRACKS)")
     mvtec = Path(root) if root is not None else data_root() / "mvtec_anomaly_detection"
     if (mvtec / "tile").is_dir() and (mvtec / MVTEC_SOURCE_CATEGORY).is_dir():
-        runs.append(("mvtec", "tile", mvtec))
+        columns.append(("mvtec", "tile", mvtec))
     else:
         print(f"skip: MVTec AD tile and wood not found under {mvtec}")
     for name in ("RDG", "Lingo"):
         print(f"skip: {name} is private (the paper's own bridge data)")
-    written = []
-    for dataset, target, data in runs:
+    runs = []
+    for dataset, target, data in columns:
         for seed in seeds:
             for loss in LOSSES:
-                out = results_dir / result_name(dataset, target, loss, fast, seed=seed,
-                                                epochs=epochs)
-                if out.exists():  # a measured result is never replaced without being asked
-                    print(f"keep: {out} exists (delete it to measure again)")
+                name = result_name(dataset, target, loss, fast, seed=seed, epochs=epochs)
+                if (results_dir / name).exists():  # never replaced without being asked
+                    print(f"keep: {results_dir / name} exists (delete it to measure again)")
                     continue
-                args = ReproArgs(method="cflow", dataset=dataset, out=out, root=data,
-                                 category=target, device=device, loss=loss, fast=fast,
-                                 seed=seed, epochs=epochs)
-                written.append(run_method(args))
-                print(f"wrote {out}")
-    return written
+                runs.append(table_run(results_dir, name, "cflow", dataset, category=target,
+                                      root=data, device=device, fast=fast, seed=seed,
+                                      loss=loss, epochs=epochs))
+    return runs
+
+
+def run_table1(results_dir: str | Path, root: str | Path | None = None,
+               device: str | None = None, fast: bool = False,
+               seeds: tuple[int, ...] = (0, 1, 2), epochs: int | None = None, *,
+               jobs: int = 1, log_dir: str | Path | None = None) -> list[Path]:
+    """Run :func:`table1_runs`, ``jobs`` at once (:func:`adcore.repro.tables.run_table_runs`).
+
+    Returns:
+        The files written.
+    """
+    check_table_options(jobs=jobs, seeds=seeds, results_dir=results_dir, log_dir=log_dir,
+                        epochs=epochs, min_epochs=2)
+    return run_table_runs(table1_runs(results_dir, root, device, fast, seeds, epochs),
+                          jobs=jobs, log_dir=log_dir)

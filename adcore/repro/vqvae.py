@@ -35,16 +35,18 @@ from adcore.data.ucsd import UCSDPed1
 from adcore.maps import MAP_VARIANTS, MapConfig, image_scores, vqvae_anomaly_maps
 from adcore.repro.common import (
     METRIC_KEYS,
-    ReproArgs,
+    VQVAEArgs,
     checkpoint_file,
     evaluate,
     load_datasets,
     mean_image_metrics,
     resolve_device,
     run_identity,
-    run_method,
 )
+from adcore.repro.presets import VQVAE_CPU, VQVAE_DATASETS, VQVAE_FAST, VQVAE_STANDARD
+from adcore.repro.tables import check_table_options, run_table_runs, table_run
 from adcore.runtime import fast_mode, seed_everything
+from adcore.sweep import Run
 from adcore.train.loop import progress
 from adcore.train.vqvae import (
     VQVAETrainConfig,
@@ -69,9 +71,11 @@ __all__ = [
     "results_table",
     "run",
     "run_tables",
+    "table_runs",
 ]
 
-DATASETS: tuple[str, ...] = ("synthetic", "mvtec", "ucsd-ped1", "cifar10")
+#: the data sets of this runner (:mod:`adcore.repro.presets` holds them with their settings)
+DATASETS: tuple[str, ...] = VQVAE_DATASETS
 #: the variant whose metrics are the run's main ``metrics``
 MAIN_VARIANT = "ssim+am"
 
@@ -86,76 +90,19 @@ SSIM_CONVENTIONS: dict[str, dict[str, str]] = {
 }
 
 
-def _paper_model(**kw: Any) -> dict[str, Any]:
-    return {"hidden_channels": 256, "embedding_dim": 256, "codebook_size": 512, "n_residual": 3,
-            "beta": 0.25, "likelihood": "cbernoulli", **kw}
-
-
-#: per data set: model, training and map settings (standard mode)
-_STANDARD: dict[str, dict[str, Any]] = {
-    # The paper's MVTec AD protocol (Section 3.2).
-    "mvtec": {"model": _paper_model(in_channels=3, image_size=256, n_down=3),
-              "train": {"epochs": 200, "batch_size": 64, "lr": 2e-4, "images_per_epoch": 1024,
-                        "augment": True, "compile": True},
-              "maps": {"window": "uniform", "window_size": 15, "am_dilation": 9}},
-    # UCSD Ped1 (Section 3.3): grey 128², two downsamplings, SM dilated.
-    "ucsd-ped1": {"model": _paper_model(in_channels=1, image_size=128, n_down=2),
-                  "train": {"epochs": 20, "batch_size": 64, "lr": 2e-4, "compile": True},
-                  "maps": {"window": "uniform", "window_size": 11, "am_dilation": 5,
-                           "sm_dilation": 5}},
-    # CIFAR-10 one-vs-rest (Section 3.4): 32², two downsamplings (latent 8×8).
-    "cifar10": {"model": _paper_model(in_channels=3, image_size=32, n_down=2),
-                "train": {"epochs": 50, "batch_size": 64, "lr": 2e-4, "compile": True},
-                "maps": {"window": "uniform", "window_size": 7, "am_dilation": 5}},
-    # The embedded synthetic set, CPU-sized: 128², latent 32×32 as in the paper, 64 channels.
-    "synthetic": {"model": _paper_model(in_channels=3, image_size=128, n_down=2,
-                                        hidden_channels=64, embedding_dim=64, codebook_size=256),
-                  "train": {"epochs": 15, "batch_size": 16, "lr": 1e-3, "augment": True},
-                  "maps": {"window": "uniform", "window_size": 11, "am_dilation": 5},
-                  "data": {"n_train": 200, "n_test": 90}},
-}
-
-#: CI-sized overrides of ``--fast`` (a tiny model on small images, a few epochs)
-_FAST: dict[str, dict[str, Any]] = {
-    "synthetic": {"model": {"image_size": 64, "hidden_channels": 32, "embedding_dim": 32,
-                            "codebook_size": 128, "n_residual": 2},
-                  "train": {"epochs": 20, "batch_size": 16, "lr": 2e-3, "compile": False},
-                  "maps": {"window_size": 7, "am_dilation": 5},
-                  "data": {"n_train": 100, "n_test": 60}},
-    "mvtec": {"model": {"image_size": 64, "n_down": 2, "hidden_channels": 32, "embedding_dim": 32,
-                        "codebook_size": 128},
-              "train": {"epochs": 4, "batch_size": 16, "lr": 2e-3, "images_per_epoch": 256,
-                        "compile": False},
-              "maps": {"window_size": 7, "am_dilation": 5}},
-    "ucsd-ped1": {"model": {"image_size": 64, "hidden_channels": 32, "embedding_dim": 32,
-                            "codebook_size": 128},
-                  "train": {"epochs": 1, "batch_size": 16, "lr": 2e-3, "images_per_epoch": 512,
-                            "compile": False},
-                  "maps": {"window_size": 7, "am_dilation": 5, "sm_dilation": 3}},
-    "cifar10": {"model": {"hidden_channels": 32, "embedding_dim": 32, "codebook_size": 128},
-                "train": {"epochs": 1, "batch_size": 64, "lr": 2e-3, "compile": False}},
-}
-
-#: overrides of a standard (not ``--fast``) run on a CPU, where the paper's model does not fit
-#: the budget: CIFAR-10's model costs 0.9-3.7 s per step of 64 images on this book's 2-core
-#: machine, hours per class. The CPU model is the largest that runs the whole Table 3
-#: (10 classes x 3 seeds) in about two hours there (``benchmarks/RESULTS.md``, chapter 5); on a
-#: GPU the paper's model runs. The result file records which (``config.preset``).
-_CPU: dict[str, dict[str, Any]] = {
-    "cifar10": {"model": {"hidden_channels": 32, "embedding_dim": 32, "codebook_size": 128},
-                "train": {"epochs": 30}},
-}
-
 _DEFAULT_CATEGORY = {"synthetic": "concrete", "mvtec": "tile", "cifar10": "airplane"}
 
 
-def resolve_settings(args: ReproArgs, device: torch.device | None = None) -> dict[str, Any]:
-    """Every setting of a run: the data set's preset, ``--fast`` or CPU overrides, then the CLI's.
+def resolve_settings(args: VQVAEArgs, device: torch.device | None = None) -> dict[str, Any]:
+    """Every setting of a run: the data set's preset (standard, ``--fast`` or CPU), then the CLI's.
+
+    The presets are :data:`adcore.repro.presets.VQVAE_STANDARD`, ``VQVAE_FAST`` and
+    ``VQVAE_CPU``.
 
     Args:
         args: the runner's arguments.
         device: where the run trains; on a CPU a standard run takes the CPU-sized model of
-            :data:`_CPU` where the data set has one (None: the paper's settings).
+            ``VQVAE_CPU`` where the data set has one (None: the paper's settings).
 
     Returns:
         ``{"model": VQVAEConfig, "train": VQVAETrainConfig, "maps": MapConfig, "data": {...},
@@ -164,30 +111,25 @@ def resolve_settings(args: ReproArgs, device: torch.device | None = None) -> dic
     Raises:
         ValueError: an unknown data set (the valid ones are listed) or invalid values.
     """
-    if args.dataset not in _STANDARD:
+    if args.dataset not in VQVAE_STANDARD:
         raise ValueError(f"the VQ-VAE runner has no data set {args.dataset!r}; expected one of "
                          f"{', '.join(DATASETS)}")
     fast = bool(args.fast or fast_mode())
-    preset = {part: dict(values) for part, values in _STANDARD[args.dataset].items()}
     on_cpu = device is not None and torch.device(device).type == "cpu"
-    name = "fast" if fast else "cpu" if on_cpu and args.dataset in _CPU else "paper"
-    overrides = _FAST[args.dataset] if fast else _CPU.get(args.dataset, {}) if on_cpu else {}
-    for part, values in overrides.items():
-        preset.setdefault(part, {}).update(values)
-    model = dict(preset["model"])
+    name = "fast" if fast else "cpu" if on_cpu and args.dataset in VQVAE_CPU else "paper"
+    preset = {"fast": VQVAE_FAST, "cpu": VQVAE_CPU, "paper": VQVAE_STANDARD}[name][args.dataset]
+    model = preset.model
     if args.image_size is not None:
-        model["image_size"] = args.image_size
-    train = {**preset["train"], "seed": args.seed}
+        model = replace(model, image_size=args.image_size)
+    train = replace(preset.train, seed=args.seed)
     if args.epochs is not None:
-        train["epochs"] = args.epochs
-    maps = dict(preset.get("maps", {}))
-    return {"model": VQVAEConfig(**model), "train": VQVAETrainConfig(**train),
-            "maps": MapConfig(**maps), "data": dict(preset.get("data", {})),
+        train = replace(train, epochs=args.epochs)
+    return {"model": model, "train": train, "maps": preset.maps, "data": dict(preset.data),
             "category": args.category or _DEFAULT_CATEGORY.get(args.dataset), "fast": fast,
             "preset": name}
 
 
-def _datasets(args: ReproArgs, settings: dict[str, Any]) -> tuple[Any, Any]:
+def _datasets(args: VQVAEArgs, settings: dict[str, Any]) -> tuple[Any, Any]:
     model: VQVAEConfig = settings["model"]
     if args.dataset in ("synthetic", "mvtec"):
         with_category = replace(args, category=settings["category"])
@@ -204,7 +146,7 @@ def _datasets(args: ReproArgs, settings: dict[str, Any]) -> tuple[Any, Any]:
             CIFAR10OneVsRest(root, settings["category"], "test"))
 
 
-def _checkpoint_path(args: ReproArgs) -> Path:
+def _checkpoint_path(args: VQVAEArgs) -> Path:
     """The run's checkpoint, beside ``--out`` (so two result files never share one)."""
     return checkpoint_file(args.out)
 
@@ -288,11 +230,11 @@ def extremes(scores: torch.Tensor, test_set: Any, count: int = N_EXTREMES) -> di
             "most_anomalous": [describe(int(i)) for i in order.flip(0)[:count]]}
 
 
-def run(args: ReproArgs) -> dict[str, Any]:
+def run(args: VQVAEArgs) -> dict[str, Any]:
     """Train a VQ-VAE and evaluate it (``python -m adcore repro vqvae ...``).
 
     Args:
-        args: the runner's arguments (see :class:`adcore.repro.common.ReproArgs`).
+        args: the runner's arguments (see :class:`adcore.repro.args.VQVAEArgs`).
 
     Returns:
         ``{"metrics", "config", "train_seconds", "eval_seconds", "device", "variants"}``;
@@ -409,15 +351,15 @@ def result_name(dataset: str, category: str | None, seed: int = 0) -> str:
     return f"vqvae_{dataset}" + (f"_{category}" if category else "") + f"_s{seed}.json"
 
 
-def run_tables(results_dir: Path, root: Path | None, device: str | None,
-               fast: bool, seeds: tuple[int, ...] = (0, 1, 2),
-               datasets: tuple[str, ...] | None = None) -> list[Path]:
-    """Run Tables 1–3 of the paper (and the synthetic categories) for the data that is present.
+def table_runs(results_dir: Path, root: Path | None, device: str | None, fast: bool,
+               seeds: tuple[int, ...] = (0, 1, 2),
+               datasets: tuple[str, ...] | None = None) -> list[Run]:
+    """The runs of Tables 1–3 (and the synthetic categories) still to do, for the data present.
 
     Each cell and seed is one ``repro`` run writing
-    ``results_dir/vqvae_<dataset>[_<category>]_s<seed>.json``. Absent data sets are skipped
-    with a message; existing result files are kept (delete one to run it again), so a second
-    call runs exactly the missing cells.
+    ``results_dir/vqvae_<dataset>[_<category>]_s<seed>.json`` (:func:`result_name`). Absent
+    data sets are skipped with a message; existing result files are kept (delete one to run
+    it again), so the plan holds exactly the missing cells.
 
     Args:
         results_dir: where result files go (``adcore.repro.results_dir()``).
@@ -428,7 +370,10 @@ def run_tables(results_dir: Path, root: Path | None, device: str | None,
         datasets: only these data sets (default: all of :data:`DATASETS`).
 
     Returns:
-        The result files written.
+        The runs (:class:`adcore.sweep.Run`), in table order.
+
+    Raises:
+        ValueError: an unknown data set.
     """
     from adcore.data.root import data_root
 
@@ -447,14 +392,27 @@ def run_tables(results_dir: Path, root: Path | None, device: str | None,
             elif (Path(results_dir) / name).exists():
                 print(f"keep {Path(results_dir) / name} (exists; delete it to run again)")
             else:
-                planned.append((dataset, category, data_dir, seed, name))
-    written = []
-    for index, (dataset, category, data_dir, seed, name) in enumerate(planned, 1):
-        print(f"run {index}/{len(planned)}: {name}", flush=True)
-        args = ReproArgs(method="vqvae", dataset=dataset, out=Path(results_dir) / name,
-                         root=data_dir, category=category, device=device, fast=fast, seed=seed)
-        written.append(run_method(args))
-    return written
+                planned.append(table_run(results_dir, name, "vqvae", dataset, category=category,
+                                         root=data_dir, device=device, fast=fast, seed=seed))
+    return planned
+
+
+def run_tables(results_dir: Path, root: Path | None, device: str | None,
+               fast: bool, seeds: tuple[int, ...] = (0, 1, 2),
+               datasets: tuple[str, ...] | None = None, *, jobs: int = 1,
+               log_dir: Path | None = None) -> list[Path]:
+    """Run Tables 1–3 of the paper (and the synthetic categories) for the data that is present.
+
+    The runs of :func:`table_runs`, ``jobs`` at once through the sweep's local executor
+    (:func:`adcore.repro.tables.run_table_runs`; logs in ``log_dir``). A second call runs
+    exactly the missing cells; an interrupted run resumes.
+
+    Returns:
+        The result files written.
+    """
+    check_table_options(jobs=jobs, seeds=seeds, results_dir=results_dir, log_dir=log_dir)
+    return run_table_runs(table_runs(results_dir, root, device, fast, seeds, datasets),
+                          jobs=jobs, log_dir=log_dir)
 
 
 # --------------------------------------------------------------------------- the paper's tables

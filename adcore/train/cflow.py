@@ -52,6 +52,9 @@ from adcore.train.loop import (
 )
 
 __all__ = [
+    "PAPER_EPOCHS",
+    "PAPER_LR_DECAY",
+    "PAPER_MILESTONES",
     "SCHEDULES",
     "CFlowTrainConfig",
     "FiberPair",
@@ -64,20 +67,26 @@ __all__ = [
 ]
 
 SCHEDULES = ("step", "cflow")
+#: the civil-engineering paper's schedule (Sec. 3.2): 200 epochs, the learning rate divided by
+#: 10 after epochs 50, 75 and 90; every other home of these numbers reads them from here
+PAPER_EPOCHS = 200
+PAPER_MILESTONES: tuple[int, ...] = (50, 75, 90)
+PAPER_LR_DECAY = 0.1
 
 
 # --------------------------------------------------------------------------- schedules
-def step_learning_rate(epoch: int, *, lr: float = 2e-4, milestones: Sequence[int] = (50, 75, 90),
-                       gamma: float = 0.1) -> float:
+def step_learning_rate(epoch: int, *, lr: float = 2e-4,
+                       milestones: Sequence[int] = PAPER_MILESTONES,
+                       lr_decay: float = PAPER_LR_DECAY) -> float:
     """The civil-engineering paper's schedule (Sec. 3.2): lr divided by 10 after each milestone.
 
     Args:
         epoch: 0-based epoch.
         lr: initial learning rate (2e-4).
-        milestones: epochs after which the rate is multiplied by ``gamma`` (50, 75, 90).
-        gamma: the factor (0.1).
+        milestones: epochs after which the rate is multiplied by ``lr_decay`` (50, 75, 90).
+        lr_decay: the factor (0.1).
     """
-    return lr * gamma ** sum(epoch >= m for m in milestones)
+    return lr * lr_decay ** sum(epoch >= m for m in milestones)
 
 
 def cflow_learning_rate(epoch: int, iteration: int, iterations_per_epoch: int, *,
@@ -121,7 +130,11 @@ class CFlowTrainConfig:
         batch_size: images per batch (paper: 8; CFlow-AD: 32). Incomplete batches are dropped.
         lr: initial learning rate (2e-4).
         schedule: ``"step"`` (paper) or ``"cflow"`` (warm-up + cosine).
-        milestones, gamma: of the step schedule.
+        milestones: epochs after which the step schedule multiplies the rate by ``lr_decay``.
+        lr_decay: the factor of the step schedule at each milestone (paper: 0.1), and the
+            ``decay_rate`` of the CFlow-AD schedule (its cosine ends at ``lr * lr_decay**3``).
+            Result files written before it had this name call it ``gamma``
+            (:func:`adcore.repro.common.read_result` reads both).
         warmup_epochs: of the CFlow-AD schedule.
         flow_loss: ``"nll"`` (the paper's Eq. 3) or ``"logsigmoid"`` (CFlow-AD).
         fiber_batch: N, fibers per optimizer step (256).
@@ -133,13 +146,13 @@ class CFlowTrainConfig:
             :class:`FiberTrainer`; the steps do not change).
     """
 
-    epochs: int = 200
+    epochs: int = PAPER_EPOCHS
     sub_epochs: int = 1
     batch_size: int = 8
     lr: float = 2e-4
     schedule: str = "step"
-    milestones: tuple[int, ...] = (50, 75, 90)
-    gamma: float = 0.1
+    milestones: tuple[int, ...] = PAPER_MILESTONES
+    lr_decay: float = PAPER_LR_DECAY
     warmup_epochs: int = 2
     flow_loss: str = "nll"
     fiber_batch: int = 256
@@ -184,10 +197,10 @@ def learning_rate(config: CFlowTrainConfig, epoch: int, iteration: int,
     """The learning rate of one image batch under ``config.schedule``."""
     if config.schedule == "step":
         return step_learning_rate(epoch, lr=config.lr, milestones=config.milestones,
-                                  gamma=config.gamma)
+                                  lr_decay=config.lr_decay)
     return cflow_learning_rate(epoch, iteration, iterations_per_epoch, lr=config.lr,
                                epochs=config.epochs, warmup_epochs=config.warmup_epochs,
-                               decay_rate=config.gamma)
+                               decay_rate=config.lr_decay)
 
 
 @dataclass
@@ -392,6 +405,27 @@ def train_cflow(model: CFlowModel, dataset: torch.utils.data.Dataset,
     return history
 
 
+#: identity keys renamed since checkpoints were first written: new -> old
+_RENAMED_IDENTITY_KEYS = {"train.lr_decay": "train.gamma"}
+
+
+def _as_written(checkpoint: str | os.PathLike, identity: dict[str, Any]) -> dict[str, Any]:
+    """``identity`` under the names its checkpoint was written with (older runs say ``gamma``).
+
+    So a run interrupted before a rename resumes; its values are still compared, and the
+    checkpoints it writes from now on carry the current names.
+    """
+    try:
+        written = torch.load(checkpoint, weights_only=True, map_location="cpu").get("config")
+    except Exception:  # an unreadable file is reported by load_checkpoint, with its name
+        return identity
+    if not isinstance(written, dict):
+        return identity
+    renamed = {new: old for new, old in _RENAMED_IDENTITY_KEYS.items()
+               if new in identity and new not in written and old in written}
+    return {renamed.get(key, key): value for key, value in identity.items()}
+
+
 def _resume(checkpoint: str | os.PathLike, model: CFlowModel, trainer: FiberTrainer,
             loader_generator: torch.Generator, augment: object,
             augment_generator: torch.Generator | None, identity: dict[str, Any],
@@ -399,7 +433,8 @@ def _resume(checkpoint: str | os.PathLike, model: CFlowModel, trainer: FiberTrai
     """Restore a run from its checkpoint; returns (next epoch, images seen, seconds so far)."""
     # CPU first: the random states must stay on the CPU; the loads copy onto the device
     state = load_checkpoint(checkpoint, model=model.flows, optimizer=trainer.optimizer,
-                            config=identity, generator=loader_generator, map_location="cpu")
+                            config=_as_written(checkpoint, identity),
+                            generator=loader_generator, map_location="cpu")
     extra, epoch = state["extra"], int(state["epoch"])
     if epoch > config.epochs:
         raise CheckpointError(f"{checkpoint} is at epoch {epoch}, past the requested "

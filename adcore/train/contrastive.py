@@ -20,7 +20,7 @@ L_fusion. This module is the glue between the pieces that exist elsewhere:
   fiber units, the cosine of L_CL is a whisper (1e-4 to 7e-4 of the flow loss's gradient);
   next to the logsigmoid, which saturates for likely fibers, it is about 3 %. (The 256x256 input and the backbone, EfficientNet-B6
   when its weights are available and the offline ``tf_efficientnet_lite0`` otherwise, are
-  the model's: :class:`adcore.cflow.CFlowConfig`, :func:`adcore.repro.cflow.choose_backbone`.)
+  the model's: :class:`adcore.cflow.CFlowConfig`, :func:`adcore.repro.presets.choose_backbone`.)
 - :func:`train_contrastive` puts them together around :func:`~adcore.train.cflow.train_cflow`.
 
 The scale of log p (a choice the paper leaves open). The paper writes every term with the
@@ -70,13 +70,22 @@ from torch import Tensor
 from adcore.cflow import CFlowModel
 from adcore.losses import CONTRASTIVE_KINDS, FLOW_LOSS_KINDS, contrastive_term
 from adcore.synth import AnomalySynthesizer, DefectSource, SyntheticAnomalies
-from adcore.train.cflow import CFlowTrainConfig, FiberPair, train_cflow
+from adcore.train.cflow import (
+    PAPER_EPOCHS,
+    PAPER_LR_DECAY,
+    PAPER_MILESTONES,
+    CFlowTrainConfig,
+    FiberPair,
+    train_cflow,
+)
 
 __all__ = [
     "CONTRASTIVE_START_EPOCH",
     "DEFAULT_MAX_GAP",
     "FUSION_WEIGHTS",
     "LOG_P_UNITS",
+    "PAPER_EPOCHS",
+    "PAPER_MILESTONES",
     "ContrastiveObjective",
     "SyntheticAnomalyAugment",
     "make_contrastive",
@@ -96,10 +105,8 @@ LOG_P_UNITS = ("dimension", "fiber")
 #: how L_fusion weighs its contrastive part against L_NF (see the module docstring)
 FUSION_WEIGHTS = ("sum", "literal")
 
-
-#: the paper's number of epochs (Sec. 3.2), the reference of :func:`scaled_schedule`
-PAPER_EPOCHS = 200
-PAPER_MILESTONES = (50, 75, 90)
+# PAPER_EPOCHS and PAPER_MILESTONES (the reference of :func:`scaled_schedule`) are the
+# training loop's (adcore.train.cflow), imported above and re-exported for chapter 8.
 
 
 def paper_train_config(**overrides: object) -> CFlowTrainConfig:
@@ -117,7 +124,7 @@ def paper_train_config(**overrides: object) -> CFlowTrainConfig:
     """
     settings: dict[str, object] = {"epochs": PAPER_EPOCHS, "sub_epochs": 1, "batch_size": 8,
                                    "lr": 2e-4, "schedule": "step",
-                                   "milestones": PAPER_MILESTONES, "gamma": 0.1,
+                                   "milestones": PAPER_MILESTONES, "lr_decay": PAPER_LR_DECAY,
                                    "flow_loss": "logsigmoid"}
     settings.update(overrides)
     return CFlowTrainConfig(**settings)  # type: ignore[arg-type]
