@@ -50,3 +50,15 @@ def test_missing_cells_leave_out_measured_files(tmp_path) -> None:
     assert len(cells) == 29 and name not in {c.file for c in cells}
     with pytest.raises(ValueError, match="expected vqvae or cflow"):
         budget.missing_cells(tmp_path, "gan")
+
+
+def test_missing_table_groups_seeds_and_footnotes_each_basis(tmp_path) -> None:
+    assert budget.missing_table([]) == ""
+    cells = budget.missing_cells(tmp_path, "cflow", seeds=(0, 1))
+    text = budget.missing_table(cells)
+    lines = text.splitlines()
+    assert lines[0].startswith("| cell | seeds |")
+    rows = [line for line in lines[2:] if line.startswith("| ")]
+    assert len(rows) == 10 and all("| 0, 1 |" in row for row in rows)  # 5 losses x 2 columns
+    # L_none and the contrastive objectives rest on different sentences; each column its own
+    assert "[4]" in text and "[5]" not in text

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from adcore.repro.presets import CFLOW_STANDARD, VQVAE_STANDARD
 
-__all__ = ["GPUEstimate", "MissingCell", "cflow_gpu_estimate", "missing_cells",
+__all__ = ["GPUEstimate", "MissingCell", "cflow_gpu_estimate", "missing_cells", "missing_table",
            "vqvae_gpu_estimate"]
 
 #: benchmarks/vqvae.py on the H100: the paper's MVTec AD model (256², 3 downsamplings,
@@ -83,7 +83,9 @@ def cflow_gpu_estimate(column: str, loss: str) -> GPUEstimate:
         raise ValueError(f"column {column!r}: expected tile or crack500 (RDG and Lingo are private)")
     images = CFLOW_STANDARD.epochs * TRAIN_IMAGES[column]
     seconds = images * CFLOW_H100_SECONDS_PER_IMAGE
-    basis = (f"{CFLOW_STANDARD.epochs} epochs x {TRAIN_IMAGES[column]} images at "
+    counted = (f"{TRAIN_IMAGES[column]} tiles (at most: only the healthy ones of 150 images x 9 "
+               "train)" if column == "crack500" else f"{TRAIN_IMAGES[column]} images")
+    basis = (f"{CFLOW_STANDARD.epochs} epochs x {counted} at "
              f"{1000 * CFLOW_H100_SECONDS_PER_IMAGE:.1f} ms per image and epoch (H100, Lite0); "
              "the paper's EfficientNet-B6 is slower (not measured)"
              + ("" if loss == "none" else
@@ -158,3 +160,29 @@ def missing_cells(results_dir: str | Path, method: str,
     else:
         raise ValueError(f"method {method!r}: expected vqvae or cflow")
     return out
+
+
+def missing_table(cells: list[MissingCell]) -> str:
+    """The missing cells as a Markdown table, one row per cell (its seeds together).
+
+    Columns: cell, seeds, the command of the first seed (the others differ only in
+    ``--seed`` and ``--out``), the estimated GPU minutes per run, and the estimate's basis
+    (footnoted once per distinct basis). Empty string when nothing is missing.
+    """
+    if not cells:
+        return ""
+    rows: dict[str, list[MissingCell]] = {}
+    for cell in cells:
+        rows.setdefault(cell.cell, []).append(cell)
+    bases: list[str] = []
+    lines = ["| cell | seeds | command (first seed) | GPU min per run | basis |",
+             "| --- | --- | --- | --- | --- |"]
+    for name, group in rows.items():
+        first = group[0]
+        if first.estimate.basis not in bases:
+            bases.append(first.estimate.basis)
+        lines.append(f"| {name} | {', '.join(str(c.seed) for c in group)} | `{first.command}` | "
+                     f"{'≈' if not first.estimate.scaled else '≳'}{first.estimate.minutes:.1f} | "
+                     f"[{bases.index(first.estimate.basis) + 1}] |")
+    notes = [f"[{i}] {basis}." for i, basis in enumerate(bases, 1)]
+    return "\n".join(lines) + "\n\n" + "\n\n".join(notes)
