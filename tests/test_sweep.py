@@ -335,6 +335,14 @@ def test_ctrl_c_starts_no_new_run_and_interrupts_the_running_one(tmp_path, monke
     monkeypatch.setattr(sweep.subprocess, "Popen", Process)
     monkeypatch.setattr(sweep, "_gpu_count", lambda: 0)
     manifest = _manifest(tmp_path, TWO_RUNS)
-    assert main(["sweep", str(manifest), "--out-dir", str(tmp_path / "out"), "--jobs", "1"]) == 130
+    # interrupt_main does nothing while SIGINT is not Python's handler, which an earlier test
+    # of the suite (a kernel, a subprocess helper) may leave behind: `python -m adcore`
+    # starts with Python's own handler, so the test does too.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        code = main(["sweep", str(manifest), "--out-dir", str(tmp_path / "out"), "--jobs", "1"])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert code == 130
     assert len(started) == 1 and signals == [signal.SIGINT]
     assert "run the same command again" in capsys.readouterr().err
