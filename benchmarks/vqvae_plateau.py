@@ -55,9 +55,9 @@ def main() -> None:
     seed_everything(options.seed)
     train_set, test_set = runner._datasets(args, settings)
     images = images_to_tensor(train_set)
-    config = replace(settings["train"], compile=False,
-                     check_every=max(1, len(images) // settings["train"].batch_size))
-    model = VQVAE(settings["model"])
+    config = replace(settings.train, compile=False,
+                     check_every=max(1, len(images) // settings.train.batch_size))
+    model = VQVAE(settings.model)
     pixel_level = options.dataset != "cifar10"
     evaluations = []
     began = time.perf_counter()
@@ -67,7 +67,7 @@ def main() -> None:
         for stop in sorted(set(e for e in options.eval_at if e <= options.epochs)):
             history = train_vqvae(model, images, config, device=device, checkpoint=checkpoint,
                                   max_steps=stop * steps_per_epoch, show_progress=False)
-            variants = runner.evaluate_model(model, test_set, settings["maps"], device,
+            variants = runner.evaluate_model(model, test_set, settings.maps, device,
                                              pixel_level=pixel_level)
             row = {"epoch": stop, "seconds": round(time.perf_counter() - began, 1),
                    "dead_codewords": int((codeword_counts(model, images) == 0).sum()),
@@ -77,11 +77,11 @@ def main() -> None:
                               "perplexity": history.perplexity[-1],
                               "dead": row["dead_codewords"],
                               **{k: v["image_auroc"] for k, v in variants.items()}}), flush=True)
-    baseline = mean_image_metrics(train_set, test_set, window_size=settings["maps"].window_size,
-                                  dilation=settings["maps"].sm_dilation, pixel_level=pixel_level)
+    baseline = mean_image_metrics(train_set, test_set, window_size=settings.maps.window_size,
+                                  dilation=settings.maps.sm_dilation, pixel_level=pixel_level)
     result = {
-        "dataset": options.dataset, "category": settings["category"], "seed": options.seed,
-        "preset": settings["preset"], "model": settings["model"].to_dict(),
+        "dataset": options.dataset, "category": settings.category, "seed": options.seed,
+        "preset": settings.preset, "model": settings.model.to_dict(),
         "train": config.to_dict(), "steps_per_epoch": steps_per_epoch,
         "history": {"steps": history.steps, "loss": history.loss,
                     "perplexity": history.perplexity, "usage": history.usage},

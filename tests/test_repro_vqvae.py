@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 from adcore.__main__ import main
 from adcore.repro import vqvae as runner
 from adcore.repro.common import METRIC_KEYS, VQVAEArgs, run_method
+from adcore.repro.presets import VQVAEPlan
 
 
 def _args(tmp_path: Path, **kw) -> VQVAEArgs:
@@ -22,28 +24,31 @@ def _args(tmp_path: Path, **kw) -> VQVAEArgs:
 def test_mvtec_defaults_are_the_papers(tmp_path, monkeypatch):
     monkeypatch.delenv("ADCORE_FAST", raising=False)  # `make test` sets it; defaults are asked here
     s = runner.resolve_settings(_args(tmp_path, dataset="mvtec"))
-    m, t = s["model"], s["train"]
+    assert isinstance(s, VQVAEPlan)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.fast = True  # a plan is read, never changed in place
+    m, t = s.model, s.train
     assert (m.image_size, m.n_down, m.latent_size) == (256, 3, 32)
     assert (m.codebook_size, m.embedding_dim, m.hidden_channels, m.n_residual) == (512, 256, 256, 3)
     assert (m.beta, m.likelihood) == (0.25, "cbernoulli")
     assert t.images_per_epoch == 1024 and t.augment and t.compile  # compile: CUDA only
-    assert s["category"] == "tile" and not s["fast"]
+    assert s.category == "tile" and not s.fast
     ucsd = runner.resolve_settings(_args(tmp_path, dataset="ucsd-ped1"))
-    assert (ucsd["model"].in_channels, ucsd["model"].image_size, ucsd["model"].latent_size) == (1, 128, 32)
-    assert ucsd["maps"].sm_dilation > 1  # the paper dilates SM on UCSD Ped1
+    assert (ucsd.model.in_channels, ucsd.model.image_size, ucsd.model.latent_size) == (1, 128, 32)
+    assert ucsd.maps.sm_dilation > 1  # the paper dilates SM on UCSD Ped1
     cifar = runner.resolve_settings(_args(tmp_path, dataset="cifar10"))
-    assert (cifar["model"].image_size, cifar["model"].latent_size) == (32, 8)
+    assert (cifar.model.image_size, cifar.model.latent_size) == (32, 8)
 
 
 def test_fast_mode_and_cli_overrides(tmp_path, monkeypatch):
     monkeypatch.delenv("ADCORE_FAST", raising=False)
     fast = runner.resolve_settings(_args(tmp_path, fast=True))
     standard = runner.resolve_settings(_args(tmp_path))
-    assert fast["fast"] and fast["model"].image_size < standard["model"].image_size
+    assert fast.fast and fast.model.image_size < standard.model.image_size
     monkeypatch.setenv("ADCORE_FAST", "1")
-    assert runner.resolve_settings(_args(tmp_path))["fast"]
+    assert runner.resolve_settings(_args(tmp_path)).fast
     over = runner.resolve_settings(_args(tmp_path, dataset="mvtec", image_size=128, epochs=3, seed=7))
-    assert over["model"].image_size == 128 and over["train"].epochs == 3 and over["train"].seed == 7
+    assert over.model.image_size == 128 and over.train.epochs == 3 and over.train.seed == 7
     with pytest.raises(ValueError, match="not a multiple of 2\\*\\*n_down"):
         runner.resolve_settings(_args(tmp_path, dataset="mvtec", image_size=98))
     with pytest.raises(ValueError, match="no data set 'cracks'.*synthetic, mvtec, ucsd-ped1, cifar10"):
@@ -248,15 +253,15 @@ def test_cpu_runs_of_cifar_take_the_cpu_model_and_say_so(tmp_path, monkeypatch):
     args = _args(tmp_path, dataset="cifar10", fast=False)
     on_gpu = runner.resolve_settings(args, torch.device("cuda"))
     on_cpu = runner.resolve_settings(args, torch.device("cpu"))
-    assert on_gpu["preset"] == "paper" and on_gpu["model"].hidden_channels == 256
-    assert on_gpu["model"].codebook_size == 512 and on_gpu["model"].embedding_dim == 256
-    assert on_cpu["preset"] == "cpu" and on_cpu["model"].hidden_channels == 32
-    assert on_cpu["model"].n_down == 2 and on_cpu["model"].image_size == 32
+    assert on_gpu.preset == "paper" and on_gpu.model.hidden_channels == 256
+    assert on_gpu.model.codebook_size == 512 and on_gpu.model.embedding_dim == 256
+    assert on_cpu.preset == "cpu" and on_cpu.model.hidden_channels == 32
+    assert on_cpu.model.n_down == 2 and on_cpu.model.image_size == 32
     synthetic = runner.resolve_settings(_args(tmp_path, dataset="synthetic", fast=False),
                                         torch.device("cpu"))
-    assert synthetic["preset"] == "paper"  # already CPU-sized: no CPU overrides
+    assert synthetic.preset == "paper"  # already CPU-sized: no CPU overrides
     assert runner.resolve_settings(_args(tmp_path, dataset="cifar10", fast=True),
-                                   torch.device("cpu"))["preset"] == "fast"
+                                   torch.device("cpu")).preset == "fast"
 
 
 def test_ssim_ablation_reads_every_category_and_seed(tmp_path):

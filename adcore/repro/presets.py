@@ -248,3 +248,24 @@ CONTRASTIVE_FAST: Mapping[str, ContrastiveData] = _frozen({
     "synthetic": ContrastiveData(n_sources=8),
     "mvtec": ContrastiveData(n_sources=16),
 })
+
+
+@dataclass(frozen=True)
+class VQVAEPlan:
+    """One VQ-VAE run's settings, resolved (:func:`adcore.repro.vqvae.resolve_settings`).
+
+    Attributes:
+        model, train, maps: the preset's configurations with the command line's overrides.
+        data: ``n_train``/``n_test`` of the generated synthetic set (empty for real data).
+        category: the category or class (None for UCSD Ped1).
+        fast: ``--fast`` (or ``ADCORE_FAST=1``).
+        preset: which preset it came from: ``"paper"``, ``"cpu"`` or ``"fast"``.
+    """
+
+    model: VQVAEConfig
+    train: VQVAETrainConfig
+    maps: MapConfig
+    data: Mapping[str, int]
+    category: str | None
+    fast: bool
+    preset: str

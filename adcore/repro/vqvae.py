@@ -43,7 +43,13 @@ from adcore.repro.common import (
     resolve_device,
     run_identity,
 )
-from adcore.repro.presets import VQVAE_CPU, VQVAE_DATASETS, VQVAE_FAST, VQVAE_STANDARD
+from adcore.repro.presets import (
+    VQVAE_CPU,
+    VQVAE_DATASETS,
+    VQVAE_FAST,
+    VQVAE_STANDARD,
+    VQVAEPlan,
+)
 from adcore.repro.tables import check_table_options, run_table_runs, table_run
 from adcore.runtime import fast_mode, seed_everything
 from adcore.sweep import Run
@@ -93,7 +99,7 @@ SSIM_CONVENTIONS: dict[str, dict[str, str]] = {
 _DEFAULT_CATEGORY = {"synthetic": "concrete", "mvtec": "tile", "cifar10": "airplane"}
 
 
-def resolve_settings(args: VQVAEArgs, device: torch.device | None = None) -> dict[str, Any]:
+def resolve_settings(args: VQVAEArgs, device: torch.device | None = None) -> VQVAEPlan:
     """Every setting of a run: the data set's preset (standard, ``--fast`` or CPU), then the CLI's.
 
     The presets are :data:`adcore.repro.presets.VQVAE_STANDARD`, ``VQVAE_FAST`` and
@@ -105,8 +111,7 @@ def resolve_settings(args: VQVAEArgs, device: torch.device | None = None) -> dic
             ``VQVAE_CPU`` where the data set has one (None: the paper's settings).
 
     Returns:
-        ``{"model": VQVAEConfig, "train": VQVAETrainConfig, "maps": MapConfig, "data": {...},
-        "category": str | None, "fast": bool, "preset": "paper" | "cpu" | "fast"}``.
+        The run's :class:`~adcore.repro.presets.VQVAEPlan`.
 
     Raises:
         ValueError: an unknown data set (the valid ones are listed) or invalid values.
@@ -124,26 +129,26 @@ def resolve_settings(args: VQVAEArgs, device: torch.device | None = None) -> dic
     train = replace(preset.train, seed=args.seed)
     if args.epochs is not None:
         train = replace(train, epochs=args.epochs)
-    return {"model": model, "train": train, "maps": preset.maps, "data": dict(preset.data),
-            "category": args.category or _DEFAULT_CATEGORY.get(args.dataset), "fast": fast,
-            "preset": name}
+    return VQVAEPlan(model=model, train=train, maps=preset.maps, data=dict(preset.data),
+                     category=args.category or _DEFAULT_CATEGORY.get(args.dataset), fast=fast,
+                     preset=name)
 
 
-def _datasets(args: VQVAEArgs, settings: dict[str, Any]) -> tuple[Any, Any]:
-    model: VQVAEConfig = settings["model"]
+def _datasets(args: VQVAEArgs, settings: VQVAEPlan) -> tuple[Any, Any]:
+    model: VQVAEConfig = settings.model
     if args.dataset in ("synthetic", "mvtec"):
-        with_category = replace(args, category=settings["category"])
-        return load_datasets(with_category, model.image_size, model.in_channels, **settings["data"])
+        with_category = replace(args, category=settings.category)
+        return load_datasets(with_category, model.image_size, model.in_channels, **settings.data)
     from adcore.data.root import data_root
 
     root = args.root or data_root()
     if args.dataset == "ucsd-ped1":
         return (UCSDPed1(root, "train", model.image_size), UCSDPed1(root, "test", model.image_size))
-    if settings["category"] not in CIFAR10_CLASSES:
-        raise ValueError(f"unknown CIFAR-10 class {settings['category']!r}; expected one of "
+    if settings.category not in CIFAR10_CLASSES:
+        raise ValueError(f"unknown CIFAR-10 class {settings.category!r}; expected one of "
                          f"{', '.join(CIFAR10_CLASSES)}")
-    return (CIFAR10OneVsRest(root, settings["category"], "train"),
-            CIFAR10OneVsRest(root, settings["category"], "test"))
+    return (CIFAR10OneVsRest(root, settings.category, "train"),
+            CIFAR10OneVsRest(root, settings.category, "test"))
 
 
 def _checkpoint_path(args: VQVAEArgs) -> Path:
@@ -249,7 +254,7 @@ def run(args: VQVAEArgs) -> dict[str, Any]:
     seed_everything(args.seed)
     train_set, test_set = _datasets(args, settings)
     images = images_to_tensor(train_set)
-    train_config: VQVAETrainConfig = settings["train"]
+    train_config: VQVAETrainConfig = settings.train
     per_epoch = train_config.images_per_epoch or len(images)
     if per_epoch < train_config.batch_size:  # a tiny training set: one batch per epoch
         train_config = replace(train_config, batch_size=per_epoch)
@@ -258,22 +263,22 @@ def run(args: VQVAEArgs) -> dict[str, Any]:
         train_config = replace(train_config, compile=False)
     if train_config.checkpoint_every is None:  # at least once an epoch, so a rerun resumes
         train_config = replace(train_config, checkpoint_every=per_epoch // train_config.batch_size)
-    settings["train"] = train_config
-    model = VQVAE(settings["model"])
+    settings = replace(settings, train=train_config)
+    model = VQVAE(settings.model)
     # The checkpoint belongs to this run only: beside --out, and keyed by everything that
     # changes the result (the model and training settings are added by train_vqvae).
-    identity = run_identity(args, device, category=settings["category"],
+    identity = run_identity(args, device, category=settings.category,
                             epochs=train_config.epochs,
-                            data={**settings["data"], "n_train_images": len(train_set)})
+                            data={**settings.data, "n_train_images": len(train_set)})
     history = train_vqvae(model, images, train_config, device=device,
                           checkpoint=_checkpoint_path(args), identity=identity)
     train_seconds = history.total_seconds
     began = time.perf_counter()
     scores: dict[str, torch.Tensor] = {}
-    variants = evaluate_model(model, test_set, settings["maps"], device,
+    variants = evaluate_model(model, test_set, settings.maps, device,
                               pixel_level=args.dataset != "cifar10",
                               batch_size=max(8, train_config.batch_size), scores_out=scores)
-    map_config: MapConfig = settings["maps"]
+    map_config: MapConfig = settings.maps
     if args.dataset != "cifar10":  # the ablation of chapter 4 is about pixel maps
         for name, convention in SSIM_CONVENTIONS.items():
             other = evaluate_model(model, test_set, replace(map_config, **convention), device,
@@ -288,17 +293,17 @@ def run(args: VQVAEArgs) -> dict[str, Any]:
     config = {
         "method": "vqvae",
         "dataset": args.dataset,
-        "category": settings["category"],
+        "category": settings.category,
         "root": str(args.root) if args.root else None,
-        "fast": settings["fast"],
-        "preset": settings["preset"],
+        "fast": settings.fast,
+        "preset": settings.preset,
         "seed": args.seed,
         "main_variant": MAIN_VARIANT,
-        "model": settings["model"].to_dict(),
-        "train": settings["train"].to_dict(),
-        "maps": settings["maps"].to_dict(),
+        "model": settings.model.to_dict(),
+        "train": settings.train.to_dict(),
+        "maps": settings.maps.to_dict(),
         "ssim_conventions": SSIM_CONVENTIONS if args.dataset != "cifar10" else None,
-        "data": {**settings["data"], "n_train_images": len(train_set), "n_test_images": len(test_set)},
+        "data": {**settings.data, "n_train_images": len(train_set), "n_test_images": len(test_set)},
         "summary": {
             "steps": history.steps[-1] if history.steps else 0,
             "final_loss": history.loss[-1] if history.loss else None,
